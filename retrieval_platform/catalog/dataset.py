@@ -1,0 +1,70 @@
+"""Reading a prepared dataset (the output of ``data_jobs.prepare_catalog``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval_platform.catalog.schema import PREPARED_SCHEMAS, GradeScale
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.io import read_json
+
+Qrels = dict[str, dict[str, float]]  # query_id -> product_id -> grade
+
+
+class PreparedDataset:
+    """Products, queries and judgments in the canonical schema, with their grade scale."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute()
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise PlatformError(
+                f"{self.path} is not a prepared dataset (no manifest.json): "
+                "run `python -m data_jobs.prepare_catalog` first"
+            )
+        self.manifest: dict[str, Any] = read_json(manifest)
+        self.scale = GradeScale.from_dict(self.manifest["grade_scale"])
+
+    def _read(self, kind: str, columns: list[str] | None, split: str | None) -> pa.Table:
+        folder = self.path / kind
+        files = sorted(folder.glob("*.parquet"))
+        if not files:
+            empty = PREPARED_SCHEMAS[kind].empty_table()
+            return empty.select(columns) if columns else empty
+        filters = [("split", "=", split)] if split else None
+        read_columns = columns
+        if columns is not None and split and "split" not in columns:
+            read_columns = [*columns, "split"]  # the filter needs the column
+        table = pq.read_table([str(f) for f in files], columns=read_columns, filters=filters,
+                              schema=PREPARED_SCHEMAS[kind])
+        return table.select(columns) if columns is not None else table
+
+    def products(self, columns: list[str] | None = None) -> pa.Table:
+        return self._read("products", columns, None)
+
+    def queries(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        return self._read("queries", columns, split)
+
+    def judgments(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        return self._read("judgments", columns, split)
+
+    def product_files(self) -> list[str]:
+        return [str(f) for f in sorted((self.path / "products").glob("*.parquet"))]
+
+    def products_dataset(self, columns: list[str] | None = None):  # -> ray.data.Dataset
+        import ray.data
+
+        return ray.data.read_parquet(self.product_files(), columns=columns)
+
+    def qrels(self, split: str | None = None) -> Qrels:
+        table = self.judgments(split, columns=["query_id", "product_id", "grade"])
+        out: Qrels = defaultdict(dict)
+        for q, p, g in zip(*(table[c].to_pylist() for c in ("query_id", "product_id", "grade")),
+                           strict=True):
+            out[q][p] = g
+        return dict(out)

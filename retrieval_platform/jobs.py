@@ -1,0 +1,84 @@
+"""What every job entry point shares: logging, connecting to Ray, and turning errors into a clear
+message and an exit code (2: fix your input; 1: a bug or an infrastructure failure)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from retrieval_platform.errors import PlatformError
+
+log = logging.getLogger("retrieval_platform")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("filelock", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_ray_data()
+
+
+class _DropExecutionBanners(logging.Filter):
+    """Ray Data prints three INFO lines per dataset execution (plan, start, sink); its progress
+    bars and progress logs already say what runs. Keep the progress, drop the banners."""
+
+    NOISY_FILES = frozenset({"streaming_executor.py", "dataset.py", "__init__.py"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.filename not in self.NOISY_FILES
+
+
+def quiet_ray_data() -> None:
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its console handler)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not any(isinstance(f, _DropExecutionBanners) for f in handler.filters):
+            handler.addFilter(_DropExecutionBanners())
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Connect to the cluster named by RAY_ADDRESS (set by ``ray job submit``), else to a cluster
+    started on this machine with ``ray start``, else start a local one for this job."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    except ConnectionError as exc:
+        raise PlatformError(
+            f"cannot reach the Ray cluster at {address!r} ({exc}). Start one with "
+            "`ray start --head` or unset RAY_ADDRESS to run on a local one."
+        ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_job(name: str, body: Callable[[], object]) -> int:
+    """Run ``body`` inside a Ray session; return the process exit code."""
+    configure_logging()
+    try:
+        with ray_session():
+            body()
+    except PlatformError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"{name}: failed (see the traceback above)", file=sys.stderr)
+        return 1
+    return 0
