@@ -1,0 +1,302 @@
+"""The Siamese dual encoder: one backbone, shared weights, for queries and products.
+
+METHOD.md "Encoder":  e(x) = normalize(pool(backbone(prompt(x))))
+
+- ``prompt``: queries get the instruction prefix; products are the rendered product text
+  (rendered once, by ``prepare_catalog``).
+- ``pool``: the last non-padding token for decoder LLMs, the mean over tokens for bidirectional
+  encoders; chosen from the backbone's config, overridable.
+- Similarity s(q, d) = e(q) · e(d): unit vectors, so FAISS inner product is cosine.
+
+:meth:`DualEncoder.encode` is the one path from text to vectors used by Ray Data (catalog
+embedding), Ray Train (via :meth:`DualEncoder.embed`, the same tokenisation and pooling with
+gradients) and Ray Serve (the query encoder), so query and product vectors never drift apart.
+
+A saved model is a standard folder: the Hugging Face backbone (safetensors) and tokenizer at its
+root, sentence-transformers module files (so ``SentenceTransformer(path)`` loads it, with the
+query instruction as its ``query`` prompt), and ``retrieval_platform.json`` with our settings and
+the checksum of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval_platform.encoder.backbones import (
+    BACKBONES,
+    DEFAULT_QUERY_INSTRUCTION,
+    backbone_spec,
+)
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.io import sha256_file, write_json
+
+SETTINGS_FILE = "retrieval_platform.json"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+Kind = Literal["query", "product"]
+
+# Bidirectional encoders pool by mean; everything else (decoder LLMs) by last token.
+ENCODER_MODEL_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
+    "albert", "camembert", "modernbert", "nomic_bert", "new",
+})
+
+
+class ModelLoadError(PlatformError):
+    """A model folder is missing, incomplete, or its weights do not match their checksum."""
+
+
+@dataclass
+class EncoderSettings:
+    pooling: Literal["last", "mean"]
+    query_instruction: str = DEFAULT_QUERY_INSTRUCTION
+    product_prefix: str = ""
+    max_query_length: int = 32
+    max_product_length: int = 128
+    base: str = ""  # the backbone this model started from
+
+
+def quiet_transformers() -> None:
+    """No per-tensor progress bars when loading or saving weights (they flood job logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states (B, L, D) with attention mask (B, L) into (B, D).
+
+    ``last`` takes the last position whose mask is 1, which is right for left and right padding
+    alike; ``mean`` averages the unmasked positions.
+    """
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+    if mode == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)  # (L,)
+        last = (mask * positions).argmax(dim=1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+    raise ValueError(f"unknown pooling {mode!r} (use 'last' or 'mean')")
+
+
+def infer_pooling(config: Any) -> Literal["last", "mean"]:
+    """Mean pooling for bidirectional encoders, last-token pooling for decoder LLMs."""
+    if getattr(config, "model_type", "") in ENCODER_MODEL_TYPES:
+        return "mean"
+    return "last"
+
+
+class DualEncoder(nn.Module):
+    """Embeds queries and products with one shared backbone into unit vectors."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        if tokenizer.pad_token is None:  # decoders often ship without one
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state  # (B, L, D)
+        pooled = pool(hidden, attention_mask, self.settings.pooling)  # (B, D)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
+        if kind == "query":
+            prefix, max_length = self.settings.query_instruction, self.settings.max_query_length
+        elif kind == "product":
+            prefix, max_length = self.settings.product_prefix, self.settings.max_product_length
+        else:
+            raise ValueError(f"kind must be 'query' or 'product', got {kind!r}")
+        batch = self.tokenizer(
+            [prefix + t for t in texts], padding=True, truncation=True,
+            max_length=max_length + self._prefix_tokens(prefix), return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _prefix_tokens(self, prefix: str) -> int:
+        # The length budget is for the text itself; the instruction does not eat into it.
+        if not prefix:
+            return 0
+        cache = self.__dict__.setdefault("_prefix_cache", {})
+        if prefix not in cache:
+            cache[prefix] = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        return cache[prefix]
+
+    def embed(self, texts: list[str], kind: Kind) -> torch.Tensor:
+        """(N, D) unit vectors with gradients: the training path."""
+        batch = self.tokenize(texts, kind)
+        device = next(self.parameters()).device
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], kind: Kind, batch_size: int = 64) -> np.ndarray:
+        """(N, D) float32 unit vectors: the inference path (Data, Serve, evaluation)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = np.empty((len(texts), self.dim), dtype=np.float32)
+            order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                out[idx] = self.embed([texts[i] for i in idx], kind).cpu().numpy()
+            return out
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------- persistence
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write a standard model folder (loads in transformers and sentence-transformers too)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        quiet_transformers()
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        _write_sentence_transformers_files(path, self.settings, self.dim)
+        write_json(path / SETTINGS_FILE, {
+            "format_version": FORMAT_VERSION,
+            "settings": asdict(self.settings),
+            "dim": self.dim,
+            "weights_sha256": sha256_file(path / WEIGHTS_FILE),
+            "metadata": metadata or {},
+        })
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **overrides: Any) -> DualEncoder:
+        """A named backbone (``tiny``, ``minilm-l6``, ``smollm2-135m``), one of our model folders,
+        or any Hugging Face / sentence-transformers folder. ``overrides`` replace settings."""
+        from transformers import AutoModel, AutoTokenizer
+
+        quiet_transformers()
+        if str(name_or_path) in BACKBONES:
+            spec = backbone_spec(str(name_or_path))
+            folder = spec.resolve()
+            settings = EncoderSettings(spec.pooling, spec.query_instruction, "",
+                                       spec.max_query_length, spec.max_product_length, spec.name)
+        else:
+            folder = Path(name_or_path)
+            settings = _settings_of(folder)
+        settings = EncoderSettings(**{**asdict(settings),
+                                      **{k: v for k, v in overrides.items() if v is not None}})
+        try:
+            backbone = AutoModel.from_pretrained(folder, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{folder}: cannot load the model ({exc})") from None
+        return cls(backbone, tokenizer, settings)
+
+
+def _settings_of(folder: Path) -> EncoderSettings:
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: no such model folder (or unknown backbone name; known: "
+                             f"{', '.join(BACKBONES)})")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
+    ours = folder / SETTINGS_FILE
+    if ours.is_file():
+        meta = json.loads(ours.read_text())
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelLoadError(f"{folder}: missing weights ({WEIGHTS_FILE})")
+        if sha256_file(weights) != meta["weights_sha256"]:
+            raise ModelLoadError(f"{folder}: {WEIGHTS_FILE} does not match its recorded sha256 "
+                                 "(corrupted or altered)")
+        return EncoderSettings(**meta["settings"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    instruction = DEFAULT_QUERY_INSTRUCTION
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.is_file():
+        prompts = json.loads(st_config.read_text()).get("prompts") or {}
+        instruction = prompts.get("query", instruction)
+    return EncoderSettings(infer_pooling(config), instruction, base=folder.name)
+
+
+def model_info(folder: str | Path) -> dict[str, Any]:
+    """What a model folder's ``retrieval_platform.json`` says (dim, checksum, settings), plus
+    ``model_id``: the base backbone and the first 12 hex digits of the weights' sha256."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: not a model folder written by this platform "
+                             f"(no {SETTINGS_FILE})")
+    info = json.loads(path.read_text())
+    info["model_id"] = f"{info['settings']['base'] or 'model'}-{info['weights_sha256'][:12]}"
+    return info
+
+
+def resolve_model_folder(name_or_path: str | Path) -> Path:
+    """A model folder of ours for anything :meth:`DualEncoder.from_pretrained` accepts.
+
+    Backbone names and foreign folders are saved once as zero-shot model folders in the cache,
+    so that indexing, serving and evaluation always name weights by path and checksum.
+    """
+    from filelock import FileLock
+
+    from retrieval_platform.encoder.backbones import cache_dir
+    from retrieval_platform.io import publish_dir
+
+    path = Path(name_or_path)
+    if (path / SETTINGS_FILE).is_file():
+        return path.absolute()
+    if str(name_or_path) in BACKBONES:
+        key = f"{name_or_path}-zero-shot"
+    else:
+        _settings_of(path)  # a clear error for anything that is not a model folder
+        key = f"{path.name}-{hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]}"
+    target = cache_dir() / "models" / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / SETTINGS_FILE).is_file():
+            with publish_dir(target, overwrite=True) as tmp:
+                DualEncoder.from_pretrained(name_or_path).save(tmp, {"zero_shot": True})
+    return target
+
+
+def _write_sentence_transformers_files(path: Path, settings: EncoderSettings, dim: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"},
+    ]
+    write_json(path / "modules.json", modules)
+    write_json(path / "sentence_bert_config.json",
+               {"max_seq_length": settings.max_product_length, "do_lower_case": False})
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    write_json(path / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": settings.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": settings.pooling == "last",
+        "include_prompt": True,
+    })
+    (path / "2_Normalize").mkdir(exist_ok=True)
+    write_json(path / "config_sentence_transformers.json", {
+        "prompts": {"query": settings.query_instruction, "document": settings.product_prefix},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "model_type": "SentenceTransformer",
+    })

@@ -1,0 +1,1 @@
+"""Sharded FAISS indexes: typed build/search/merge functions and the versioned index folder."""

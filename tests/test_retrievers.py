@@ -1,0 +1,60 @@
+"""BM25 (bm25s), dense (FAISS) and hybrid (RRF) retrievers behind one interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.index.faiss_ops import brute_force_topk
+from retrieval_platform.retrievers.bm25 import BM25Retriever
+from retrieval_platform.retrievers.dense import DenseRetriever
+from retrieval_platform.retrievers.hybrid import HybridRetriever, rrf_fuse
+
+IDS = ["p1", "p2", "p3", "p4"]
+TEXTS = ["Red running shoes for men", "Blue electric kettle, stainless steel",
+         "Silicone phone case", "Running socks, pack of 3"]
+
+
+def test_bm25_stems_ranks_and_skips_non_matches():
+    bm25 = BM25Retriever(IDS, TEXTS)
+    hits = bm25.search(["run shoe", "kettles", "zzz"], k=3)
+    assert hits[0][0][0] == "p1" and {p for p, _ in hits[0]} == {"p1", "p4"}
+    assert [p for p, _ in hits[1]] == ["p2"]  # "kettles" stems to "kettl"
+    assert hits[2] == []
+    scores = bm25.score("running shoes", ["p4", "p1", "p3"])
+    assert scores[1] > scores[0] > scores[2] == 0
+
+
+def test_bm25_mask_and_persistence(tmp_path):
+    bm25 = BM25Retriever(IDS, TEXTS)
+    masked = bm25.search(["running"], k=4, mask=np.array([False, True, True, True]))
+    assert [p for p, _ in masked[0]] == ["p4"]
+    bm25.save(tmp_path / "bm25")
+    loaded = BM25Retriever.load(tmp_path / "bm25")
+    assert loaded.search(["running shoes"], 4) == bm25.search(["running shoes"], 4)
+
+
+def test_rrf_by_hand():
+    """a: 1/61 + 1/62; b: 1/62 + 1/61; c: 1/63; ties broken by id."""
+    fused = rrf_fuse([["a", "b", "c"], ["b", "a"]], k=3)
+    assert [p for p, _ in fused] == ["a", "b", "c"]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused[2][1] == pytest.approx(1 / 63)
+    assert rrf_fuse([["a"], ["b"]], k=5, weights=[1.0, 2.0])[0][0] == "b"
+
+
+def test_dense_matches_brute_force_and_hybrid_fuses():
+    encoder = DualEncoder.from_pretrained("tiny")
+    vectors = encoder.encode(TEXTS, "product")
+    dense = DenseRetriever(encoder, IDS, vectors)
+    hits = dense.search(["red shoes", "kettle"], k=3)
+    xq = encoder.encode(["red shoes", "kettle"], "query")
+    D, I = brute_force_topk(xq, vectors, 3)
+    assert [[p for p, _ in h] for h in hits] == [[IDS[i] for i in row] for row in I]
+    np.testing.assert_allclose([[s for _, s in h] for h in hits], D, atol=1e-5)
+    np.testing.assert_allclose(dense.score("kettle", IDS), vectors @ xq[1], atol=1e-5)
+    hybrid = HybridRetriever([dense, BM25Retriever(IDS, TEXTS)], depth=4)
+    fused = hybrid.search(["kettle"], k=4)[0]
+    assert len(fused) == 4 and fused[0][1] >= fused[-1][1]
+    assert hybrid.score("kettle", IDS).shape == (4,)
