@@ -7,26 +7,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.config import parse_job_args
-from retrieval_platform.jobs import run_job
+from retrieval_platform.jobs import job_main
 
 CONFIG = PrepareConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(CONFIG, argv, __doc__)
-
-    def body() -> None:
-        manifest = prepare_catalog(cfg)
-        print(json.dumps({"output_dir": cfg.output_dir, "counts": manifest["counts"],
-                          "splits": manifest["splits"],
-                          "wall_seconds": manifest["wall_seconds"]}, indent=2))
-
-    return run_job("prepare_catalog", body)
+    return job_main("prepare_catalog", CONFIG, prepare_catalog, argv, __doc__,
+                    summarize=lambda m: {k: m[k] for k in ("counts", "splits", "wall_seconds")})
 
 
 if __name__ == "__main__":

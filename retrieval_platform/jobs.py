@@ -3,12 +3,14 @@ message and an exit code (2: fix your input; 1: a bug or an infrastructure failu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from retrieval_platform.errors import PlatformError
 
@@ -19,7 +21,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("filelock", "httpx", "urllib3"):
+    for noisy in ("filelock", "httpx", "urllib3", "bm25s", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_ray_data()
 
@@ -82,3 +84,18 @@ def run_job(name: str, body: Callable[[], object]) -> int:
         print(f"{name}: failed (see the traceback above)", file=sys.stderr)
         return 1
     return 0
+
+
+def job_main(name: str, config_cls: type, body: Callable[[Any], Any], argv: list[str] | None,
+             description: str, summarize: Callable[[Any], Any] | None = None) -> int:
+    """parse -> run -> print a JSON summary: the whole ``main`` of a job entry point."""
+    from retrieval_platform.config import parse_job_args
+
+    cfg = parse_job_args(config_cls, argv, description)
+
+    def run() -> None:
+        result = body(cfg)
+        summary = summarize(result) if summarize else result
+        print(summary if isinstance(summary, str) else json.dumps(summary, indent=2, default=str))
+
+    return run_job(name, run)

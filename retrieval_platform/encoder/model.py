@@ -43,6 +43,7 @@ SETTINGS_FILE = "retrieval_platform.json"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 Kind = Literal["query", "product"]
+Precision = Literal["fp32", "bf16"]
 
 # Bidirectional encoders pool by mean; everything else (decoder LLMs) by last token.
 ENCODER_MODEL_TYPES = frozenset({
@@ -146,16 +147,23 @@ class DualEncoder(nn.Module):
         return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], kind: Kind, batch_size: int = 64) -> np.ndarray:
-        """(N, D) float32 unit vectors: the inference path (Data, Serve, evaluation)."""
+    def encode(self, texts: list[str], kind: Kind, batch_size: int = 64,
+               precision: Precision = "fp32") -> np.ndarray:
+        """(N, D) float32 unit vectors: the inference path (Data, Serve, evaluation).
+
+        ``precision="bf16"`` runs the backbone under bfloat16 autocast: about 1.9x faster for
+        SmolLM2 on an AVX512-BF16 CPU, cosine >= 0.998 to fp32 (bench/encode.py).
+        """
         was_training = self.training
         self.eval()
+        device = next(self.parameters()).device
         try:
             out = np.empty((len(texts), self.dim), dtype=np.float32)
             order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
-            for start in range(0, len(texts), batch_size):
-                idx = order[start : start + batch_size]
-                out[idx] = self.embed([texts[i] for i in idx], kind).cpu().numpy()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                for start in range(0, len(texts), batch_size):
+                    idx = order[start : start + batch_size]
+                    out[idx] = self.embed([texts[i] for i in idx], kind).float().cpu().numpy()
             return out
         finally:
             self.train(was_training)

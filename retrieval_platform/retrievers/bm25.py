@@ -51,9 +51,12 @@ class BM25Retriever:
             for row_d, row_s in zip(docs, scores, strict=True)
         ]
 
+    def all_scores(self, query: str) -> np.ndarray:
+        """(N,) BM25 score of every product for one query."""
+        return self.index.get_scores(self._tokenize([query], return_ids=False)[0])
+
     def score(self, query: str, product_ids: Sequence[str]) -> np.ndarray:
-        tokens = self._tokenize([query], return_ids=False)[0]
-        all_scores = self.index.get_scores(tokens)
+        all_scores = self.all_scores(query)
         pos = self._positions()
         return np.asarray([all_scores[pos[p]] for p in product_ids], np.float64)
 

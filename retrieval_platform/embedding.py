@@ -1,0 +1,66 @@
+"""Batch embedding of a catalog with Ray Data: a stateful UDF that loads the model once per
+actor and calls the encoder's one ``encode`` path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from retrieval_platform.encoder.model import DualEncoder
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256  # rows per Ray Data batch
+    encode_batch_size: int = 64  # texts per forward pass
+    actors: int = 2  # Ray Data actor pool size (max)
+    cpus_per_actor: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class ProductEmbedder:
+    """Ray Data UDF: adds an ``embedding`` column (unit float32 vectors) from the ``text`` one."""
+
+    def __init__(self, model_dir: str, encode_batch_size: int, precision: str,
+                 num_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+        self.model = DualEncoder.from_pretrained(model_dir)
+        self.batch_size = encode_batch_size
+        self.precision = precision
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch["text"].to_pylist()
+        vectors = self.model.encode(texts, "product", batch_size=self.batch_size,
+                                    precision=self.precision)  # (n, d)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        return batch.append_column("embedding", column)
+
+
+def embed_products(ds: ray.data.Dataset, model_dir: str, cfg: EmbedConfig) -> ray.data.Dataset:
+    """``ds`` with ``product_id`` and ``text`` columns -> the same rows with ``embedding``."""
+    return ds.map_batches(
+        ProductEmbedder,
+        fn_constructor_kwargs=dict(model_dir=str(model_dir), precision=cfg.precision,
+                                   encode_batch_size=cfg.encode_batch_size,
+                                   num_threads=max(1, math.floor(cfg.cpus_per_actor))),
+        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+    )
+
+
+def collect(ds: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, list], np.ndarray]:
+    """Bring an embedded dataset to the driver: its other columns and an (n, d) matrix."""
+    tables = [t for t in ray.get(ds.select_columns([*columns, "embedding"]).to_arrow_refs())
+              if t.num_rows]
+    table = pa.concat_tables(tables)
+    emb = table["embedding"].combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return {c: table[c].to_pylist() for c in columns}, vectors

@@ -1,0 +1,223 @@
+"""Evaluation with full-corpus retrieval: dense models, BM25 and hybrid (RRF) on one split.
+
+Every product of the prepared catalog is embedded (Ray Data) and searched exactly (FAISS flat),
+so the numbers are those of the deployed system, not of a re-ranking of judged products.
+Grade-order accuracy is computed on the judged products of each query: dense scores are cosine
+similarities, BM25 scores are BM25's, hybrid scores are the RRF scores from full-corpus ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.config import to_dict
+from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
+from retrieval_platform.io import write_json
+from retrieval_platform.metrics import evaluate_rankings
+from retrieval_platform.retrievers.bm25 import BM25Retriever
+from retrieval_platform.retrievers.hybrid import RRF_K, rrf_fuse
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["ndcg@10", "recall@10", "recall@100", "mrr@10", "grade_order_accuracy"]
+
+
+@dataclass
+class EvaluateConfig:
+    prepared_dir: str = "runs/data/synthetic"
+    split: str = "dev"
+    models: dict[str, str] = field(default_factory=dict)  # system name -> model folder / backbone
+    bm25: bool = True
+    hybrid: list[str] = field(default_factory=list)  # dense systems fused with BM25 (RRF)
+    depth: int = 100  # retrieved per query and per system
+    max_queries: int | None = None  # a seeded sample of the split's judged queries
+    seed: int = 0
+    output_dir: str = "runs/reports/synthetic"
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    query_batch_size: int = 64
+
+
+@dataclass
+class _Ranked:
+    rankings: dict[str, list[str]]
+    judged_scores: dict[str, dict[str, float]]
+    full_ranks: dict[str, dict[str, int]]  # query -> judged product -> rank in the whole corpus
+    seconds: float
+
+
+def _dense(name: str, model: str, ds: PreparedDataset, qids: list[str], qtexts: list[str],
+           qrels: dict[str, dict[str, float]], cfg: EvaluateConfig) -> tuple[_Ranked, str]:
+    started = time.perf_counter()
+    folder = resolve_model_folder(model)
+    embedded = embed_products(ds.products_dataset(["product_id", "text"]), str(folder), cfg.embed)
+    cols, xb = collect(embedded, ["product_id"])
+    ids = cols["product_id"]
+    pos = {p: i for i, p in enumerate(ids)}
+    encoder = DualEncoder.from_pretrained(folder)
+    xq = encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
+                        precision=cfg.embed.precision)  # (nq, d)
+    _, I = search_index(build_index(xb, IndexParams()), xq, cfg.depth, IndexParams())
+    rankings, judged_scores, full_ranks = {}, {}, {}
+    for qi, qid in enumerate(qids):
+        rankings[qid] = [ids[i] for i in I[qi] if i >= 0]
+        judged = [p for p in qrels[qid] if p in pos]
+        all_scores = xb @ xq[qi]  # (n,)
+        s = all_scores[[pos[p] for p in judged]]
+        judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
+        full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
+                                                                              strict=True)}
+    log.info("%s: %d products embedded and searched in %.0fs", name, len(ids),
+             time.perf_counter() - started)
+    return _Ranked(rankings, judged_scores, full_ranks, time.perf_counter() - started), \
+        model_info(folder)["model_id"]
+
+
+def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
+          qrels: dict[str, dict[str, float]], depth: int) -> _Ranked:
+    started = time.perf_counter()
+    products = ds.products(["product_id", "text"])
+    ids = products["product_id"].to_pylist()
+    pos = {p: i for i, p in enumerate(ids)}
+    bm25 = BM25Retriever(ids, products["text"].to_pylist())
+    hits = bm25.search(qtexts, depth)
+    rankings, judged_scores, full_ranks = {}, {}, {}
+    for qi, qid in enumerate(qids):
+        rankings[qid] = [p for p, _ in hits[qi]]
+        judged = [p for p in qrels[qid] if p in pos]
+        all_scores = bm25.all_scores(qtexts[qi])
+        s = all_scores[[pos[p] for p in judged]]
+        judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
+        full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
+                                                                              strict=True)}
+    return _Ranked(rankings, judged_scores, full_ranks, time.perf_counter() - started)
+
+
+def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int) -> _Ranked:
+    rankings, judged_scores = {}, {}
+    for qid in dense.rankings:
+        rankings[qid] = [p for p, _ in rrf_fuse([dense.rankings[qid], lexical.rankings[qid]],
+                                                depth)]
+        judged_scores[qid] = {
+            p: 1 / (RRF_K + dense.full_ranks[qid][p]) + 1 / (RRF_K + lexical.full_ranks[qid][p])
+            for p in dense.full_ranks[qid]
+        }
+    return _Ranked(rankings, judged_scores, {}, dense.seconds + lexical.seconds)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every configured system; writes report.md, report.json and report.png."""
+    ds = PreparedDataset(cfg.prepared_dir)
+    qrels = ds.qrels(cfg.split)
+    if not qrels:
+        raise PlatformError(f"{cfg.prepared_dir}: split {cfg.split!r} has no judged queries")
+    qids = sorted(qrels)
+    if cfg.max_queries and len(qids) > cfg.max_queries:
+        rng = np.random.default_rng(cfg.seed)
+        qids = sorted(rng.choice(qids, cfg.max_queries, replace=False).tolist())
+        qrels = {q: qrels[q] for q in qids}
+    queries = ds.queries(cfg.split, ["query_id", "text"])
+    text_of = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    qtexts = [text_of[q] for q in qids]
+    unknown = [h for h in cfg.hybrid if h not in cfg.models]
+    if unknown:
+        raise PlatformError(f"hybrid names {unknown} are not among models {list(cfg.models)}")
+
+    ranked: dict[str, _Ranked] = {}
+    model_ids: dict[str, str] = {}
+    for name, model in cfg.models.items():
+        ranked[name], model_ids[name] = _dense(name, model, ds, qids, qtexts, qrels, cfg)
+    if cfg.bm25 or cfg.hybrid:
+        lexical = _bm25(ds, qids, qtexts, qrels, cfg.depth)
+        if cfg.bm25:
+            ranked["bm25"] = lexical
+        for name in cfg.hybrid:
+            ranked[f"hybrid({name}+bm25)"] = _hybrid(ranked[name], lexical, cfg.depth)
+
+    scale = ds.scale
+    results = {
+        name: evaluate_rankings(r.rankings, qrels, gain=scale.gain,
+                                top_threshold=scale.top_threshold, judged_scores=r.judged_scores)
+        | {"seconds": round(r.seconds, 1)}
+        for name, r in ranked.items()
+    }
+    report = {
+        "dataset": str(ds.path), "split": cfg.split, "queries": len(qids),
+        "products": ds.manifest["counts"]["products"]["accepted"],
+        "gain_map": scale.describe_gains(), "top_grade": f"grade >= {scale.top_threshold:g}",
+        "models": {name: {"path": str(resolve_model_folder(m)), "model_id": model_ids[name]}
+                   for name, m in cfg.models.items()},
+        "results": results, "config": to_dict(cfg),
+    }
+    write_report(report, Path(cfg.output_dir))
+    return report
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    plot(report, out / "report.png")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    results = report["results"]
+    base = results.get("bm25", {}).get("ndcg@10")
+    lines = [
+        f"# Evaluation: {Path(report['dataset']).name}, split {report['split']}",
+        "",
+        f"Full-corpus retrieval over {report['products']} products, {report['queries']} queries. "
+        f"Gain map: {report['gain_map']}. Recall and MRR count {report['top_grade']} as "
+        "top grade. Grade-order accuracy: share of judged pairs with different grades that the "
+        "system scores in the right order.",
+        "",
+        "| system | " + " | ".join(METRIC_COLUMNS) + " | NDCG@10 / BM25 | seconds |",
+        "|---|" + "---:|" * (len(METRIC_COLUMNS) + 2),
+    ]
+    for name, m in results.items():
+        ratio = f"{m['ndcg@10'] / base:.3f}" if base else "–"
+        cells = " | ".join(f"{m.get(c, float('nan')):.4f}" for c in METRIC_COLUMNS)
+        lines.append(f"| {name} | {cells} | {ratio} | {m['seconds']} |")
+    if report.get("models"):
+        lines += ["", "Models:", ""]
+        lines += [f"- {n}: `{v['model_id']}` ({v['path']})" for n, v in report["models"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    ranking = [c for c in METRIC_COLUMNS if c != "grade_order_accuracy"]
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(ranking))
+    for i, name in enumerate(names):
+        axes[0].bar(x + i * width, [results[name][c] for c in ranking], width, label=name)
+    axes[0].set_xticks(x + width * (len(names) - 1) / 2, ranking)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("Full-corpus retrieval")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(range(len(names)), [results[n]["grade_order_accuracy"] for n in names],
+                color=[f"C{i}" for i in range(len(names))])
+    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[1].set_ylim(0.4, 1)
+    axes[1].set_title("Grade-order accuracy")
+    fig.suptitle(f"{Path(report['dataset']).name} / {report['split']}: "
+                 f"{report['queries']} queries, {report['products']} products")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,88 @@
+"""Hard-negative mining: embed the catalog (Ray Data, the one encode path), search FAISS for
+every training query, keep top-ranked products that are neither labelled positives nor in a
+positive's variant group (those are the false negatives stage 1 must not push away)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
+from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
+from retrieval_platform.training.examples import NEGATIVES_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MineConfig:
+    prepared_dir: str = "runs/data/synthetic"
+    model: str = "minilm-l6"  # model folder or backbone name
+    split: str = "train"
+    depth: int = 50  # products retrieved per query
+    keep: int = 16  # negatives kept per query, best-scoring first
+    skip_top: int = 0  # ignore the first ranks (often unlabelled positives)
+    output_path: str = "runs/negatives/synthetic.parquet"
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    ds = PreparedDataset(cfg.prepared_dir)
+    folder = resolve_model_folder(cfg.model)
+    cols, xb = collect(embed_products(ds.products_dataset(["product_id", "text", "variant_group"]),
+                                      str(folder), cfg.embed), ["product_id", "variant_group"])
+    ids, groups = cols["product_id"], cols["variant_group"]
+    group_of = dict(zip(ids, groups, strict=True))
+
+    queries = ds.queries(cfg.split, ["query_id", "text"])
+    judgments = ds.judgments(cfg.split, ["query_id", "product_id", "grade"])
+    positives: dict[str, set[str]] = defaultdict(set)
+    for q, p, g in zip(*(judgments[c].to_pylist() for c in ("query_id", "product_id", "grade")),
+                       strict=True):
+        if g >= ds.scale.positive_threshold:
+            positives[q].add(p)
+    qids = [q for q in queries["query_id"].to_pylist() if q in positives]
+    text_of = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    encoder = DualEncoder.from_pretrained(folder)
+    xq = encoder.encode([text_of[q] for q in qids], "query", precision=cfg.embed.precision)
+    D, I = search_index(build_index(xb, IndexParams()), xq, cfg.depth, IndexParams())
+
+    rows: dict[str, list] = defaultdict(list)
+    dropped = 0
+    for qi, qid in enumerate(qids):
+        pos_groups = {group_of[p] for p in positives[qid] if p in group_of}
+        negs, scores = [], []
+        for rank, (i, d) in enumerate(zip(I[qi], D[qi], strict=True)):
+            if i < 0 or rank < cfg.skip_top:
+                continue
+            pid = ids[i]
+            if pid in positives[qid] or group_of[pid] in pos_groups:
+                dropped += 1
+                continue
+            negs.append(pid)
+            scores.append(float(d))
+            if len(negs) == cfg.keep:
+                break
+        rows["query_id"].append(qid)
+        rows["negative_ids"].append(negs)
+        rows["negative_scores"].append(scores)
+    out = Path(cfg.output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(pa.table(rows, schema=NEGATIVES_SCHEMA), tmp)
+    tmp.replace(out)
+    stats = {"queries": len(qids), "negatives": sum(map(len, rows["negative_ids"])),
+             "dropped_positive_or_variant": dropped, "model_id": model_info(folder)["model_id"],
+             "output_path": str(out), "seconds": round(time.perf_counter() - started, 1)}
+    log.info("mined negatives: %s", stats)
+    return stats

@@ -1,0 +1,86 @@
+"""Typed configuration of both training stages (one schema; ``stage`` picks the loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    init: str = "minilm-l6"  # backbone name or model folder (stage 2: stage 1's output_dir)
+    pooling: Literal["last", "mean"] | None = None  # None: as the backbone says
+    query_instruction: str | None = None
+    max_query_length: int | None = None
+    max_product_length: int | None = None
+
+
+@dataclass
+class DataConfig:
+    prepared_dir: str = "runs/data/synthetic"
+    split: str = "train"
+    negatives_path: str | None = None  # Parquet from data_jobs.mine_negatives
+    hard_negatives: int = 0  # H per stage-1 pair (random products fill missing ones)
+    max_pairs_per_query: int | None = None
+    max_candidates: int = 16  # stage 2: graded candidates per query
+    mined_per_query: int = 0  # stage 2: mined negatives (only if unlabelled means irrelevant)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_steps: int = 200
+    batch_size: int = 32  # per worker: queries (stage 1: pairs)
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CPUs with AVX512-BF16, GPUs)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("max_steps and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.05  # τ, Eq. 1 and 4
+    margin: float | None = 0.1  # m of the margin rule, Eq. 2 (null disables it)
+    catalog_rule: bool = True  # Eq. 2: mask variant-group duplicates of the positive
+    label_rule: bool = True  # Eq. 2: mask labelled positives of the query
+    beta: float = 1.0  # β, Eq. 6
+    gamma: float = 0.5  # γ, Eq. 6
+    lam: float = 0.1  # λ, Eq. 7
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError("tau must be > 0")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "stage1"  # a rerun with the same name resumes from its last checkpoint
+    storage_path: str = "runs/train"
+    checkpoint_every: int = 100
+    num_to_keep: int = 2
+    max_failures: int = 2  # worker failures survived (restart from the last checkpoint)
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["contrastive", "roar"] = "contrastive"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output_dir: str = "runs/models/stage1"  # the final model folder

@@ -1,0 +1,111 @@
+"""Launching a training stage on Ray Train (TorchTrainer, DDP over N workers).
+
+The same code runs 2 CPU workers here and many GPU workers on a cluster: only ``scaling``
+changes (and ``run.storage_path`` must then be shared storage, NFS or S3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.config import to_dict
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.io import publish_dir, write_json
+from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.examples import contrastive_examples, roar_examples
+from retrieval_platform.training.loop import MODEL_DIR, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    checkpoint_path: str
+    metrics: dict[str, Any]
+
+
+def build_examples(cfg: TrainConfig):  # -> pa.Table
+    ds = PreparedDataset(cfg.data.prepared_dir)
+    if cfg.stage == "contrastive":
+        return contrastive_examples(
+            ds, split=cfg.data.split, hard_negatives=cfg.data.hard_negatives,
+            negatives_path=cfg.data.negatives_path,
+            max_pairs_per_query=cfg.data.max_pairs_per_query, seed=cfg.run.seed,
+        )
+    return roar_examples(
+        ds, split=cfg.data.split, max_candidates=cfg.data.max_candidates,
+        negatives_path=cfg.data.negatives_path, mined_per_query=cfg.data.mined_per_query,
+        seed=cfg.run.seed,
+    )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
+    examples = build_examples(cfg)
+    per_step = cfg.optim.batch_size * cfg.scaling.num_workers
+    if examples.num_rows < per_step:
+        raise PlatformError(
+            f"{examples.num_rows} training examples, fewer than one step needs ({per_step} = "
+            f"optim.batch_size × scaling.num_workers)"
+        )
+    log.info("%s: %d examples, %d steps of %d (%.1f epochs)", cfg.stage, examples.num_rows,
+             cfg.optim.max_steps, per_step, cfg.optim.max_steps * per_step / examples.num_rows)
+    dataset = ray.data.from_arrow(examples)
+    storage = Path(cfg.run.storage_path).absolute()  # Ray Train needs an absolute path
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Our own step lines say what a report says; keep Ray Train's per-report INFO out.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder, publish_dir(cfg.output_dir,
+                                                                 overwrite=True) as tmp:
+        shutil.copytree(Path(folder) / MODEL_DIR, tmp, dirs_exist_ok=True)
+        metrics = dict(result.metrics or {})
+        write_json(tmp / "training.json", {
+            "stage": cfg.stage, "checkpoint": result.checkpoint.path, "final_metrics": metrics,
+            "examples": examples.num_rows, "config": to_dict(cfg),
+        })
+    log.info("%s done: model at %s (%s)", cfg.stage, cfg.output_dir, json.dumps(metrics))
+    return TrainResult(Path(cfg.output_dir), result.checkpoint.path, metrics)
+
+
+
+def stage_main(stage: str, argv: list[str] | None, description: str) -> int:
+    """The ``main`` of both stage jobs: the job fixes the stage, the config gives the rest."""
+    from retrieval_platform.jobs import job_main
+
+    def body(cfg: TrainConfig) -> dict[str, Any]:
+        cfg.stage = stage
+        result = train(cfg)
+        return {"model_dir": str(result.model_dir), "checkpoint": result.checkpoint_path,
+                "metrics": result.metrics}
+
+    return job_main(f"train_{stage}", TrainConfig, body, argv, description)

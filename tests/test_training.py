@@ -1,0 +1,204 @@
+"""Both training stages on Ray Train with the tiny backbone, hard-negative mining, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
+from retrieval_platform.config import from_dict
+from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
+from retrieval_platform.evaluation import EvaluateConfig, evaluate
+from retrieval_platform.mining import MineConfig, mine_negatives
+from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.examples import contrastive_examples, key64, roar_examples
+from retrieval_platform.training.loop import contrastive_step
+from retrieval_platform.training.trainer import train
+
+SMALL = {"embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 128}}
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "syn"
+    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 600, "seed": 1},
+                                              "output_dir": str(out)}))
+    return out
+
+
+def _cfg(prepared: Path, tmp: Path, name: str, stage: str = "contrastive",
+         **over) -> TrainConfig:
+    data = {
+        "stage": stage,
+        "model": {"init": "tiny"},
+        "data": {"prepared_dir": str(prepared)},
+        "optim": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"name": name, "storage_path": str(tmp / "runs"), "checkpoint_every": 2,
+                "log_every": 1, "max_failures": 1},
+        "output_dir": str(tmp / name),
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    return from_dict(TrainConfig, data)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return DualEncoder.from_pretrained(folder).backbone.state_dict()
+
+
+def _changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mining_keeps_positives_and_variants_out(prepared, tmp_path):
+    stats = mine_negatives(from_dict(MineConfig, {
+        "prepared_dir": str(prepared), "model": "tiny", "depth": 30, "keep": 5,
+        "output_path": str(tmp_path / "neg.parquet"), **SMALL}))
+    assert stats["queries"] > 0 and stats["negatives"] > 0
+    import pyarrow.parquet as pq
+
+    negatives = pq.read_table(tmp_path / "neg.parquet").to_pylist()
+    ds = PreparedDataset(prepared)
+    products = ds.products(["product_id", "variant_group"])
+    group = dict(zip(products["product_id"].to_pylist(), products["variant_group"].to_pylist(),
+                     strict=True))
+    judged = ds.judgments("train").to_pylist()
+    for row in negatives:
+        pos = {j["product_id"] for j in judged
+               if j["query_id"] == row["query_id"] and j["grade"] >= ds.scale.positive_threshold}
+        assert not pos & set(row["negative_ids"])
+        assert not {group[p] for p in pos} & {group[n] for n in row["negative_ids"]}
+        assert len(row["negative_ids"]) <= 5
+        assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
+    examples = contrastive_examples(ds, hard_negatives=3,
+                                    negatives_path=str(tmp_path / "neg.parquet"))
+    assert all(len(n) == 3 for n in examples["neg_texts"].to_pylist())
+
+
+def test_stage1_mask_excludes_variant_group_duplicates(prepared):
+    """Two pairs whose positives are variants of one family: each positive is the other query's
+    same-group candidate, so it is masked (no gradient, loss as if it were absent)."""
+    ds = PreparedDataset(prepared)
+    products = ds.products(["product_id", "text", "variant_group"]).to_pandas()
+    family = products.groupby("variant_group").filter(lambda g: len(g) >= 2)
+    a, b = family.iloc[0], family.iloc[1]
+    assert a.variant_group == b.variant_group
+    model = DualEncoder.from_pretrained("tiny")
+    cfg = from_dict(TrainConfig, {"loss": {"margin": None, "label_rule": False}})
+    batch = {"query_text": ["query one", "query two"], "pos_text": [a.text, b.text],
+             "pos_key": [key64(a.product_id), key64(b.product_id)],
+             "pos_group_key": [key64(a.variant_group)] * 2, "query_pos_keys": [[], []],
+             "neg_texts": [[], []], "neg_keys": [[], []], "neg_group_keys": [[], []]}
+    loss, metrics = contrastive_step(model, model, batch, cfg)
+    assert metrics["masked_fraction"] == 1.0  # both off-diagonal candidates are variants
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # nothing left to push away
+    cfg.loss.catalog_rule = False
+    loss, metrics = contrastive_step(model, model, batch, cfg)
+    assert metrics["masked_fraction"] == 0.0 and loss.item() > 0
+
+
+def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
+    init = _weights(resolve_model_folder("tiny"))
+    s1 = train(_cfg(prepared, tmp_path, "s1", data__hard_negatives=1))
+    assert s1.metrics["step"] == 4 and s1.metrics["resumed_from_step"] == 0
+    assert 0.0 <= s1.metrics["masked_fraction"] <= 1.0 and s1.metrics["samples_per_s"] > 0
+    s1_weights = _weights(s1.model_dir)
+    assert _changed(init, s1_weights)  # training moved the weights
+    info = model_info(s1.model_dir)
+    assert info["metadata"]["stage"] == "contrastive" and info["metadata"]["step"] == 4
+
+    # A rerun under the same name resumes from its last checkpoint: the step count continues.
+    again = train(_cfg(prepared, tmp_path, "s1", optim__max_steps=6, data__hard_negatives=1))
+    assert again.metrics["resumed_from_step"] == 4 and again.metrics["step"] == 6
+    s1_weights = _weights(s1.model_dir)  # now the weights after step 6
+
+    # Stage 2 starts from stage 1's model: with a vanishing learning rate it stays there.
+    s2 = train(_cfg(prepared, tmp_path, "s2", "roar", model__init=str(s1.model_dir),
+                    optim__lr=1e-12, optim__max_steps=2))
+    meta = model_info(s2.model_dir)["metadata"]
+    assert meta["stage"] == "roar" and meta["init"] == str(s1.model_dir)
+    s2_weights = _weights(s2.model_dir)
+    for k in s2_weights:
+        torch.testing.assert_close(s2_weights[k], s1_weights[k], atol=1e-6, rtol=0)
+    assert "roar_loss" in s2.metrics and "contrastive_loss" in s2.metrics
+
+    report = evaluate(from_dict(EvaluateConfig, {
+        "prepared_dir": str(prepared), "split": "dev",
+        "models": {"zero_shot": "tiny", "stage1": str(s1.model_dir)}, "hybrid": ["stage1"],
+        "output_dir": str(tmp_path / "report"), **SMALL}))
+    for name in ("zero_shot", "stage1", "bm25", "hybrid(stage1+bm25)"):
+        m = report["results"][name]
+        assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
+    for file in ("report.md", "report.json", "report.png"):
+        assert (tmp_path / "report" / file).stat().st_size > 0
+    assert "| bm25 |" in (tmp_path / "report" / "report.md").read_text()
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["gain_map"].startswith("ESCI gains")
+
+
+def test_stage2_examples_hold_graded_groups(prepared):
+    table = roar_examples(PreparedDataset(prepared), max_candidates=6)
+    for grades in table["cand_grades"].to_pylist():
+        assert len(set(grades)) >= 2 and len(grades) <= 6
+        assert grades == sorted(grades, reverse=True)
+
+
+def _train_workers() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            pids.append(proc.pid)
+    return pids
+
+
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Ray Train's controller writes this snapshot once it has registered a checkpoint."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, done: threading.Event) -> list[int]:
+    while not done.is_set():
+        if _registered_checkpoint(run_dir) and (workers := _train_workers()):
+            os.kill(workers[0], signal.SIGKILL)
+            return [workers[0]]
+        time.sleep(0.1)
+    return []
+
+
+def test_a_worker_that_dies_is_replaced_and_training_resumes(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, "faulty", optim__max_steps=400, run__checkpoint_every=20,
+               run__log_every=20, optim__batch_size=8)
+    done = threading.Event()
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=lambda: killed.extend(
+            _kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "faulty", done)))
+    killer.start()
+    try:
+        result = train(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the run finished before a worker could be killed"
+    assert result.metrics["step"] == 400
+    assert result.metrics["resumed_from_step"] >= 20  # restarted from a checkpoint, not from 0
+    assert np.isfinite(result.metrics["loss"])

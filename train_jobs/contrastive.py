@@ -1,0 +1,21 @@
+"""Stage 1: contrastive training with the false-negative margin mask (Ray Train).
+
+    python -m train_jobs.contrastive --config configs/train_stage1_synthetic.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.trainer import stage_main
+
+CONFIG = TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("contrastive", argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

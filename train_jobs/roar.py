@@ -1,0 +1,21 @@
+"""Stage 2: ROAR preference optimisation over graded groups, from stage 1's model (Ray Train).
+
+    python -m train_jobs.roar --config configs/train_stage2_synthetic.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.trainer import stage_main
+
+CONFIG = TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("roar", argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
