@@ -18,8 +18,8 @@ from retrieval_platform.encoder.model import DualEncoder
 class EmbedConfig:
     batch_size: int = 256  # rows per Ray Data batch
     encode_batch_size: int = 64  # texts per forward pass
-    actors: int = 2  # Ray Data actor pool size (max)
-    cpus_per_actor: float = 1.0
+    actors: int = 2  # Ray Data actor pool size
+    cpus_per_actor: float = 0.9  # a little under 1 leaves room for the read tasks
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -49,9 +49,9 @@ def embed_products(ds: ray.data.Dataset, model_dir: str, cfg: EmbedConfig) -> ra
         ProductEmbedder,
         fn_constructor_kwargs=dict(model_dir=str(model_dir), precision=cfg.precision,
                                    encode_batch_size=cfg.encode_batch_size,
-                                   num_threads=max(1, math.floor(cfg.cpus_per_actor))),
+                                   num_threads=max(1, math.ceil(cfg.cpus_per_actor))),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
     )
 
 

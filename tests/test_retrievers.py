@@ -18,7 +18,8 @@ TEXTS = ["Red running shoes for men", "Blue electric kettle, stainless steel",
 
 def test_bm25_stems_ranks_and_skips_non_matches():
     bm25 = BM25Retriever(IDS, TEXTS)
-    hits = bm25.search(["run shoe", "kettles", "zzz"], k=3)
+    hits = bm25.search(["run shoe", "kettles", "zzz", "the and of"], k=3)
+    assert hits[3] == [] and not bm25.all_scores("the and of").any()  # stopwords only
     assert hits[0][0][0] == "p1" and {p for p, _ in hits[0]} == {"p1", "p4"}
     assert [p for p, _ in hits[1]] == ["p2"]  # "kettles" stems to "kettl"
     assert hits[2] == []

@@ -43,17 +43,24 @@ class BM25Retriever:
             return []
         k = min(k, len(self.product_ids))
         weight = None if mask is None else mask.astype(np.float32)
-        docs, scores = self.index.retrieve(self._tokenize(queries, return_ids=False), k=k,
-                                           show_progress=False, weight_mask=weight, n_threads=1)
-        return [
-            [(self.product_ids[int(d)], float(s))
-             for d, s in zip(row_d, row_s, strict=True) if s > 0]
-            for row_d, row_s in zip(docs, scores, strict=True)
-        ]
+        tokens = self._tokenize(queries, return_ids=False)
+        out: list[Hits] = [[] for _ in queries]
+        asked = [i for i, t in enumerate(tokens) if t]  # a query of stopwords only matches none
+        if not asked:
+            return out
+        docs, scores = self.index.retrieve([tokens[i] for i in asked], k=k, show_progress=False,
+                                           weight_mask=weight, n_threads=1)
+        for i, row_d, row_s in zip(asked, docs, scores, strict=True):
+            out[i] = [(self.product_ids[int(d)], float(s))
+                      for d, s in zip(row_d, row_s, strict=True) if s > 0]
+        return out
 
     def all_scores(self, query: str) -> np.ndarray:
         """(N,) BM25 score of every product for one query."""
-        return self.index.get_scores(self._tokenize([query], return_ids=False)[0])
+        tokens = self._tokenize([query], return_ids=False)[0]
+        if not tokens:
+            return np.zeros(len(self.product_ids), np.float32)
+        return self.index.get_scores(tokens)
 
     def score(self, query: str, product_ids: Sequence[str]) -> np.ndarray:
         all_scores = self.all_scores(query)

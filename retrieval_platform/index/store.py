@@ -1,0 +1,249 @@
+"""The versioned index folder: embeddings, FAISS shards, per-shard product metadata, a BM25
+index for hybrid search, and a manifest that ties them to one model.
+
+    <root>/<version>/
+        manifest.json            model id and dim, counts, shard files with sha256, parameters
+        embeddings/*.parquet     product_id + embedding (written by Ray Data)
+        shard_000.faiss          FAISS index of rows [start, stop)
+        shard_000.parquet        row, product_id, title, category, price of those rows
+        bm25/                    bm25s index over all products (npy + json, no pickle)
+    <root>/LATEST                name of the newest version
+
+A version is written to a temporary folder and renamed into place (atomic publication). Loading
+a shard checks its files against the manifest (sha256, dimension, count) and refuses a corrupted
+or mismatched one with :class:`IndexLoadError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.config import to_dict
+from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.model import model_info, resolve_model_folder
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.index.faiss_ops import (
+    IndexParams,
+    build_index,
+    search_index,
+    shard_bounds,
+)
+from retrieval_platform.io import publish_dir, read_json, sha256_file, write_json
+from retrieval_platform.retrievers.bm25 import BM25Retriever
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_COLUMNS = ["product_id", "title", "category", "price"]
+
+
+class IndexLoadError(PlatformError):
+    """An index folder is missing, corrupted, or does not match its manifest or model."""
+
+
+@dataclass
+class BuildIndexConfig:
+    prepared_dir: str = "runs/data/synthetic"
+    model: str = "runs/models/synthetic-stage2"  # model folder or backbone name (zero-shot)
+    output_root: str = "runs/indexes/synthetic"
+    version: str | None = None  # default: a UTC timestamp
+    num_shards: int = 2
+    params: IndexParams = field(default_factory=IndexParams)
+    bm25: bool = True  # also index the catalog for lexical and hybrid requests
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
+    """Embed the prepared catalog with Ray Data and publish a new index version."""
+    started = time.perf_counter()
+    ds = PreparedDataset(cfg.prepared_dir)
+    folder = resolve_model_folder(cfg.model)
+    info = model_info(folder)
+    version = cfg.version or datetime.now(UTC).strftime("v%Y%m%d-%H%M%S")
+    target = Path(cfg.output_root) / version
+    with publish_dir(target, overwrite=False) as tmp:
+        embedded = embed_products(ds.products_dataset(["product_id", "text", *META_COLUMNS[1:]]),
+                                  str(folder), cfg.embed).materialize()
+        embedded.select_columns(["product_id", "embedding"]).write_parquet(str(tmp / "embeddings"))
+        cols, xb = collect(embedded, [*META_COLUMNS, "text"])
+        if xb.shape[1] != info["dim"]:
+            raise IndexLoadError(f"model {folder} gives {xb.shape[1]}-d vectors, "
+                                 f"its manifest says {info['dim']}")
+        shards = []
+        for i, (start, stop) in enumerate(shard_bounds(len(xb), cfg.num_shards)):
+            index = build_index(xb[start:stop], cfg.params, seed=i)
+            faiss.write_index(index, str(tmp / f"shard_{i:03d}.faiss"))
+            meta = pa.table({"row": pa.array(np.arange(start, stop), pa.int64()),
+                             **{c: cols[c][start:stop] for c in META_COLUMNS}})
+            pq.write_table(meta, tmp / f"shard_{i:03d}.parquet")
+            shards.append({"id": i, "rows": [start, stop], "count": stop - start,
+                           "faiss": f"shard_{i:03d}.faiss", "meta": f"shard_{i:03d}.parquet",
+                           "sha256": {"faiss": sha256_file(tmp / f"shard_{i:03d}.faiss"),
+                                      "meta": sha256_file(tmp / f"shard_{i:03d}.parquet")}})
+        bm25_files = {}
+        if cfg.bm25:
+            BM25Retriever(cols["product_id"], cols["text"]).save(tmp / "bm25")
+            bm25_files = {p.name: sha256_file(p) for p in sorted((tmp / "bm25").iterdir())}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": {"path": str(folder), "model_id": info["model_id"], "dim": info["dim"],
+                      "weights_sha256": info["weights_sha256"]},
+            "dataset": {"path": str(ds.path), "grade_scale": ds.scale.name},
+            "metric": "inner_product",
+            "params": asdict(cfg.params),
+            "num_products": len(xb),
+            "shards": shards,
+            "bm25": bm25_files,
+            "config": to_dict(cfg),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    latest = Path(cfg.output_root) / "LATEST"
+    latest.with_suffix(".tmp").write_text(version + "\n")
+    os.replace(latest.with_suffix(".tmp"), latest)
+    log.info("index %s: %d products in %d shards (%.0fs)", target, len(xb), len(shards),
+             manifest["wall_seconds"])
+    return manifest | {"path": str(target)}
+
+
+def resolve_index_dir(path: str | Path) -> Path:
+    """A version folder, or a root whose LATEST names one."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path.absolute()
+    if (path / "LATEST").is_file():
+        return (path / (path / "LATEST").read_text().strip()).absolute()
+    raise IndexLoadError(f"{path}: not an index version folder (no manifest.json) nor a root "
+                         "with a LATEST file; run data_jobs.build_index")
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    folder = resolve_index_dir(path)
+    try:
+        manifest = read_json(folder / "manifest.json")
+    except ValueError as exc:
+        raise IndexLoadError(f"{folder}/manifest.json is not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexLoadError(f"{folder}: unsupported index format {manifest.get('format_version')}")
+    manifest["path"] = str(folder)
+    return manifest
+
+
+def _check_file(folder: Path, name: str, expected: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: missing")
+    if sha256_file(path) != expected:
+        raise IndexLoadError(f"{path}: sha256 does not match the manifest (corrupted or altered)")
+    return path
+
+
+@dataclass
+class LoadedShard:
+    """One shard, ready to search: the FAISS index and the metadata of its rows."""
+
+    shard_id: int
+    index: faiss.Index
+    meta: pa.Table  # row, product_id, title, category, price
+    params: IndexParams
+    version: str
+    model_id: str
+
+    @property
+    def offset(self) -> int:
+        return int(self.meta["row"][0].as_py()) if self.meta.num_rows else 0
+
+    def allowed(self, filters: CatalogFilter | None) -> np.ndarray | None:
+        return None if filters is None or filters.empty else filters.mask(self.meta)
+
+    def search(self, xq: np.ndarray, k: int, filters: CatalogFilter | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) with I global rows (-1: no result)."""
+        D, I = search_index(self.index, xq, k, self.params, self.allowed(filters))
+        return D, np.where(I >= 0, I + self.offset, -1)
+
+    def rows(self, global_rows: list[int]) -> list[dict[str, Any]]:
+        local = pa.array([r - self.offset for r in global_rows], pa.int64())
+        return self.meta.take(local).to_pylist()
+
+
+def load_shard(path: str | Path, shard_id: int, expected_model_id: str | None = None
+               ) -> LoadedShard:
+    manifest = load_manifest(path)
+    folder = Path(manifest["path"])
+    if expected_model_id and manifest["model"]["model_id"] != expected_model_id:
+        raise IndexLoadError(f"{folder}: built with model {manifest['model']['model_id']}, "
+                             f"not {expected_model_id}")
+    try:
+        entry = manifest["shards"][shard_id]
+    except IndexError:
+        raise IndexLoadError(f"{folder}: no shard {shard_id} "
+                             f"(the manifest lists {len(manifest['shards'])})") from None
+    faiss_path = _check_file(folder, entry["faiss"], entry["sha256"]["faiss"])
+    meta_path = _check_file(folder, entry["meta"], entry["sha256"]["meta"])
+    index = faiss.read_index(str(faiss_path))
+    meta = pq.read_table(meta_path)
+    if index.d != manifest["model"]["dim"]:
+        raise IndexLoadError(f"{faiss_path}: dimension {index.d}, manifest says "
+                             f"{manifest['model']['dim']}")
+    if index.ntotal != entry["count"] or meta.num_rows != entry["count"]:
+        raise IndexLoadError(f"{faiss_path}: {index.ntotal} vectors and {meta.num_rows} metadata "
+                             f"rows, manifest says {entry['count']}")
+    if isinstance(index, faiss.IndexIVF):
+        index.make_direct_map()
+    return LoadedShard(shard_id, index, meta, IndexParams(**manifest["params"]),
+                       manifest["version"], manifest["model"]["model_id"])
+
+
+def load_bm25(path: str | Path) -> tuple[BM25Retriever, pa.Table]:
+    """The catalog-wide BM25 index and the metadata of every row (for filters and titles)."""
+    manifest = load_manifest(path)
+    folder = Path(manifest["path"])
+    if not manifest.get("bm25"):
+        raise IndexLoadError(f"{folder}: built without bm25 (set bm25: true to build it)")
+    for name, digest in manifest["bm25"].items():
+        _check_file(folder / "bm25", name, digest)
+    metas = [pq.read_table(_check_file(folder, s["meta"], s["sha256"]["meta"]))
+             for s in manifest["shards"]]
+    return BM25Retriever.load(folder / "bm25"), pa.concat_tables(metas)
+
+
+@dataclass(frozen=True)
+class CatalogFilter:
+    """Request filters: category path prefix (case-insensitive) and a price range."""
+
+    category: str | None = None
+    price_min: float | None = None
+    price_max: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.category is None and self.price_min is None and self.price_max is None
+
+    def mask(self, meta: pa.Table) -> np.ndarray:
+        keep = pa.array(np.ones(meta.num_rows, dtype=bool))
+        if self.category is not None:
+            cat = pc.utf8_lower(pc.fill_null(meta["category"], ""))
+            keep = pc.and_(keep, pc.starts_with(cat, self.category.lower()))
+        if self.price_min is not None:
+            keep = pc.and_(keep, pc.fill_null(pc.greater_equal(meta["price"], self.price_min),
+                                              False))
+        if self.price_max is not None:
+            keep = pc.and_(keep, pc.fill_null(pc.less_equal(meta["price"], self.price_max),
+                                              False))
+        return np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)

@@ -1,0 +1,115 @@
+"""The Serve application: typed arguments and the builder named by the Serve config file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve import Application
+
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.index.store import load_manifest
+from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
+
+
+class EncoderArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    cpus: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app`` (the ``args:`` of the Serve config). They fix the shape of the
+    application; which index versions are loaded and served lives in the deployments'
+    ``user_config`` (see :mod:`retrieval_platform.serving.control`), so a version swap is an
+    in-place update, not a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str = Field(..., description="index version folder (or a root whose LATEST names "
+                                        "one) served at start")
+    shard_replicas: int = Field(1, ge=1, description="replicas of each shard deployment")
+    shard_cpus: float = Field(0.1, gt=0)
+    encoder: EncoderArgs = Field(default_factory=EncoderArgs)
+    lexical: bool = Field(True, description="serve lexical and hybrid modes (the index must "
+                                            "have been built with bm25)")
+    lexical_cpus: float = Field(0.1, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_cpus: float = Field(0.1, gt=0)
+    api_key_env: str | None = Field(None, description="environment variable (on the cluster) "
+                                    "holding the API key, read when the app is built")
+    api_key_file: str | None = Field(None, description="file holding the API key (a mounted "
+                                     "secret); with neither, no key is needed")
+    max_body_bytes: int = Field(16_384, ge=256)
+    request_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> AppArgs:
+        if self.encoder.min_replicas > self.encoder.max_replicas:
+            raise ValueError("encoder.min_replicas must not exceed encoder.max_replicas")
+        return self
+
+
+def version_configs(manifest: dict[str, Any], versions: dict[str, str] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
+    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
+    loaded = {"versions": versions or {manifest["version"]: manifest["path"]}}
+    active = {"active": manifest["version"], "model_id": manifest["model"]["model_id"]}
+    return loaded, active
+
+
+def _api_key(args: AppArgs) -> str | None:
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env, "").strip()
+        if not key:
+            raise PlatformError(f"api_key_env={args.api_key_env}: that environment variable is "
+                                "not set (or empty) where the application is built")
+        return key
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise PlatformError(f"api_key_file: cannot read {args.api_key_file} ({exc})") from None
+        if not key:
+            raise PlatformError(f"api_key_file: {args.api_key_file} is empty")
+        return key
+    return None
+
+
+def build_app(args: AppArgs) -> Application:
+    """Encoder (autoscaling, batching) + one deployment per shard + BM25 behind one ingress."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    manifest = load_manifest(args.index)
+    if args.lexical and not manifest.get("bm25"):
+        raise PlatformError(f"{args.index}: built without bm25; set lexical: false or rebuild")
+    api_key = _api_key(args)
+    loaded, active = version_configs(manifest)
+    e = args.encoder
+    encoder = QueryEncoder.options(
+        name="QueryEncoder", user_config=loaded, ray_actor_options={"num_cpus": e.cpus},
+        autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
+                            "target_ongoing_requests": e.target_ongoing_requests},
+    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision)
+    shards = [
+        IndexShard.options(name=f"Shard_{i}", num_replicas=args.shard_replicas, user_config=loaded,
+                           ray_actor_options={"num_cpus": args.shard_cpus}).bind(i)
+        for i in range(len(manifest["shards"]))
+    ]
+    lexical = (LexicalIndex.options(name="Lexical", user_config=loaded,
+                                    ray_actor_options={"num_cpus": args.lexical_cpus}).bind()
+               if args.lexical else None)
+    return Ingress.options(
+        name="Ingress", num_replicas=args.ingress_replicas, user_config=active,
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    ).bind(encoder, shards, lexical, api_key=api_key, max_body_bytes=args.max_body_bytes,
+           timeout_s=args.request_timeout_s)

@@ -1,0 +1,115 @@
+"""Search logic shared by the Serve deployments and the in-process :class:`LocalSearcher`
+(tests and benchmarks compare the two, so they must run the same code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval_platform.encoder.model import DualEncoder, model_info
+from retrieval_platform.index.faiss_ops import merge_topk
+from retrieval_platform.index.store import (
+    CatalogFilter,
+    IndexLoadError,
+    LoadedShard,
+    load_bm25,
+    load_manifest,
+    load_shard,
+)
+from retrieval_platform.retrievers.bm25 import BM25Retriever
+from retrieval_platform.retrievers.hybrid import rrf_fuse
+
+Hit = dict[str, Any]  # product_id, title, score, shard, category, price, row
+HYBRID_DEPTH = 100  # candidates taken from each side before fusion
+
+
+def load_encoder_for(index_dir: str | Path) -> DualEncoder:
+    """The model an index was built with, checked against the index manifest."""
+    manifest = load_manifest(index_dir)
+    folder = manifest["model"]["path"]
+    info = model_info(folder)
+    if info["model_id"] != manifest["model"]["model_id"]:
+        raise IndexLoadError(f"{index_dir}: built with {manifest['model']['model_id']}, but "
+                             f"{folder} now holds {info['model_id']}")
+    return DualEncoder.from_pretrained(folder)
+
+
+def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
+    return CatalogFilter(**filters) if filters else None
+
+
+def shard_hits(shard: LoadedShard, xq: np.ndarray, k: int,
+               filters: CatalogFilter | None) -> list[Hit]:
+    """Top-k of one shard for one query vector (1, d), with product metadata."""
+    D, I = shard.search(xq, k, filters)
+    rows = [int(i) for i in I[0] if i >= 0]
+    metas = shard.rows(rows)
+    return [{"product_id": m["product_id"], "title": m["title"], "score": float(d),
+             "shard": shard.shard_id, "category": m["category"], "price": m["price"], "row": r}
+            for d, r, m in zip(D[0], rows, metas, strict=False)]
+
+
+def merge_hits(per_shard: list[list[Hit]], k: int) -> list[Hit]:
+    """Global top-k of per-shard hits (the same order as one flat index)."""
+    if not per_shard:
+        return []
+    by_row = {h["row"]: h for hits in per_shard for h in hits}
+    width = max((len(h) for h in per_shard), default=0)
+    if width == 0:
+        return []
+    Ds = [np.array([[h["score"] for h in hits] + [-np.inf] * (width - len(hits))])
+          for hits in per_shard]
+    Is = [np.array([[h["row"] for h in hits] + [-1] * (width - len(hits))]) for hits in per_shard]
+    _, I = merge_topk(Ds, Is, k)
+    return [by_row[int(i)] for i in I[0] if i >= 0]
+
+
+def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
+                 filters: CatalogFilter | None) -> list[Hit]:
+    mask = None if filters is None or filters.empty else filters.mask(meta)
+    hits = bm25.search([query], k, mask=mask)[0]
+    rows = {p: i for i, p in enumerate(bm25.product_ids)}
+    out = []
+    for product_id, score in hits:
+        m = meta.slice(rows[product_id], 1).to_pylist()[0]
+        out.append({"product_id": product_id, "title": m["title"], "score": score, "shard": None,
+                    "category": m["category"], "price": m["price"], "row": rows[product_id]})
+    return out
+
+
+def fuse_hits(dense: list[Hit], lexical: list[Hit], k: int) -> list[Hit]:
+    """Hybrid: reciprocal-rank fusion of the dense and lexical lists; score = RRF score."""
+    first = {h["product_id"]: h for h in lexical} | {h["product_id"]: h for h in dense}
+    fused = rrf_fuse([[h["product_id"] for h in dense], [h["product_id"] for h in lexical]], k)
+    return [first[p] | {"score": score} for p, score in fused]
+
+
+class LocalSearcher:
+    """Everything one version of the service does, in one process: for tests and benchmarks."""
+
+    def __init__(self, index_dir: str | Path) -> None:
+        self.manifest = load_manifest(index_dir)
+        self.encoder = load_encoder_for(index_dir)
+        self.shards = [load_shard(index_dir, s["id"]) for s in self.manifest["shards"]]
+        self.bm25 = load_bm25(index_dir) if self.manifest.get("bm25") else None
+
+    def search(self, query: str, k: int = 10, mode: str = "dense",
+               filters: dict[str, Any] | None = None) -> list[Hit]:
+        f = to_filter(filters)
+        dense: list[Hit] = []
+        lexical: list[Hit] = []
+        depth = k if mode == "dense" else max(k, HYBRID_DEPTH)
+        if mode in ("dense", "hybrid"):
+            xq = self.encoder.encode([query], "query")
+            dense = merge_hits([shard_hits(s, xq, depth, f) for s in self.shards], depth)
+        if mode in ("lexical", "hybrid"):
+            if self.bm25 is None:
+                raise IndexLoadError("this index was built without bm25")
+            lexical = lexical_hits(*self.bm25, query, depth, f)
+        if mode == "dense":
+            return dense[:k]
+        if mode == "lexical":
+            return lexical[:k]
+        return fuse_hits(dense, lexical, k)

@@ -1,0 +1,279 @@
+"""Ray Serve deployments: a batching query encoder, one deployment per index shard, a BM25
+deployment, and an async FastAPI ingress that fans out to the shards and merges.
+
+Versions: every encoder, shard and BM25 replica holds the versions listed in its
+``user_config`` (``{"versions": {name: index_dir}}``); the ingress serves the one its own
+``user_config`` names active. A swap loads the new version everywhere (in place, through
+``reconfigure``), then flips the ingress, then drops the old one, so every request is answered
+by one version end to end and none is dropped (:mod:`retrieval_platform.serving.versions`).
+"""
+
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from retrieval_platform.serving import guard
+from retrieval_platform.serving.core import (
+    HYBRID_DEPTH,
+    fuse_hits,
+    lexical_hits,
+    load_encoder_for,
+    merge_hits,
+    shard_hits,
+    to_filter,
+)
+from retrieval_platform.serving.schemas import (
+    Health,
+    SearchRequest,
+    SearchResponse,
+    ShardStatus,
+)
+
+log = logging.getLogger("ray.serve")
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+
+
+def _versions(user_config: dict[str, Any]) -> dict[str, str]:
+    versions = user_config.get("versions") or {}
+    if not versions:
+        raise ValueError("user_config.versions must name at least one index version")
+    return dict(versions)
+
+
+@serve.deployment
+class QueryEncoder:
+    """Encodes queries with the model of each loaded index version, batching concurrent ones."""
+
+    def __init__(self, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+                 precision: str = "fp32") -> None:
+        self.models: dict[str, Any] = {}
+        self.precision = precision
+        self._encode_batch.set_max_batch_size(max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.latency = Histogram("rp_encode_latency_ms", description="query encoding per batch",
+                                 boundaries=LATENCY_BOUNDARIES_MS)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        wanted = _versions(user_config)
+        loaded = {v: self.models[v] for v in wanted if v in self.models}
+        for version, index_dir in wanted.items():
+            if version not in loaded:
+                loaded[version] = load_encoder_for(index_dir)
+        self.models = loaded
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, items: list[tuple[str, str]]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        out: list[np.ndarray | None] = [None] * len(items)
+        by_version: dict[str, list[int]] = {}
+        for i, (version, _) in enumerate(items):
+            by_version.setdefault(version, []).append(i)
+        for version, idx in by_version.items():
+            model = self.models.get(version)
+            if model is None:
+                raise KeyError(f"version {version!r} is not loaded on this encoder")
+            texts = [items[i][1] for i in idx]
+            # Torch releases the GIL: run it off the event loop so the next batch can gather.
+            vecs = await asyncio.get_running_loop().run_in_executor(
+                None, lambda m=model, t=texts: m.encode(t, "query", precision=self.precision))
+            for j, i in enumerate(idx):
+                out[i] = vecs[j : j + 1]
+        self.latency.observe((time.perf_counter() - started) * 1000)
+        return out  # type: ignore[return-value]
+
+    async def encode(self, version: str, text: str) -> np.ndarray:
+        """(1, d) unit query vector."""
+        return await self._encode_batch((version, text))
+
+    def loaded(self) -> list[str]:
+        return sorted(self.models)
+
+
+@serve.deployment
+class IndexShard:
+    """One shard of every loaded index version (exact or approximate FAISS search)."""
+
+    def __init__(self, shard_id: int) -> None:
+        self.shard_id = shard_id
+        self.shards: dict[str, Any] = {}
+        self.latency = Histogram("rp_shard_search_latency_ms", description="search of one shard",
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("shard",))
+        self.latency.set_default_tags({"shard": str(shard_id)})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from retrieval_platform.index.store import load_shard
+
+        wanted = _versions(user_config)
+        loaded = {v: self.shards[v] for v in wanted if v in self.shards}
+        for version, index_dir in wanted.items():
+            if version not in loaded:
+                loaded[version] = load_shard(index_dir, self.shard_id)
+        self.shards = loaded
+
+    def search(self, version: str, xq: np.ndarray, k: int,
+               filters: dict[str, Any] | None) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        shard = self.shards.get(version)
+        if shard is None:
+            raise KeyError(f"version {version!r} is not loaded on shard {self.shard_id}")
+        hits = shard_hits(shard, xq, k, to_filter(filters))
+        self.latency.observe((time.perf_counter() - started) * 1000)
+        return hits
+
+    def ping(self, version: str) -> bool:
+        return version in self.shards
+
+
+@serve.deployment
+class LexicalIndex:
+    """BM25 over the whole catalog of every loaded version (lexical and hybrid requests)."""
+
+    def __init__(self) -> None:
+        self.indexes: dict[str, Any] = {}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from retrieval_platform.index.store import load_bm25
+
+        wanted = _versions(user_config)
+        loaded = {v: self.indexes[v] for v in wanted if v in self.indexes}
+        for version, index_dir in wanted.items():
+            if version not in loaded:
+                loaded[version] = load_bm25(index_dir)
+        self.indexes = loaded
+
+    def search(self, version: str, query: str, k: int,
+               filters: dict[str, Any] | None) -> list[dict[str, Any]]:
+        bm25, meta = self.indexes[version]
+        return lexical_hits(bm25, meta, query, k, to_filter(filters))
+
+
+class ShardFailure(Exception):
+    def __init__(self, failed: list[int], answered: list[int], hits: list[list[dict]]) -> None:
+        super().__init__(f"shards {failed} failed")
+        self.failed, self.answered, self.hits = failed, answered, hits
+
+
+app = FastAPI(
+    title="retrieval-platform",
+    version="1",
+    description="Semantic product search: a Siamese dual encoder over sharded FAISS indexes, "
+                "with BM25 and hybrid (RRF) modes and catalog filters.",
+)
+# Before @serve.ingress: Serve freezes a copy of the app when it decorates the class.
+app.add_middleware(guard.GuardMiddleware)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP entry point: validates, encodes, fans out to every shard, merges, fuses."""
+
+    def __init__(self, encoder: Any, shards: list[Any], lexical: Any | None, *,
+                 api_key: str | None = None, max_body_bytes: int = 16_384,
+                 timeout_s: float = 10.0) -> None:
+        # Through the module object: Serve pickles this class by value, with a copy of the
+        # globals it names, so a module-level dict named here would be a private copy.
+        guard.configure(api_key=api_key, max_body_bytes=max_body_bytes)
+        self.encoder = encoder
+        self.shards = shards
+        self.lexical = lexical
+        self.timeout_s = timeout_s
+        self.active = ""
+        self.model_id = ""
+        self.requests = Counter("rp_requests_total", description="search requests",
+                                tag_keys=("mode", "status"))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.active = user_config["active"]
+        self.model_id = user_config.get("model_id", "")
+
+    async def _call(self, response: Any) -> Any:
+        return await asyncio.wait_for(response, timeout=self.timeout_s)
+
+    async def _dense(self, version: str, xq: np.ndarray, k: int,
+                     filters: dict[str, Any] | None) -> tuple[list[list[dict]], list[int]]:
+        calls = [self._call(h.search.remote(version, xq, k, filters)) for h in self.shards]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        hits, answered, failed = [], [], []
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                log.warning("shard %d failed: %r", i, r)
+                failed.append(i)
+            else:
+                hits.append(r)
+                answered.append(i)
+        if failed:
+            raise ShardFailure(failed, answered, hits)
+        return hits, answered
+
+    @app.post("/search", response_model=SearchResponse,
+              responses={401: {"description": "missing or wrong API key"},
+                         413: {"description": "request body too large"},
+                         503: {"description": "a shard or the encoder is unavailable"}})
+    async def search(self, request: SearchRequest) -> SearchResponse:
+        version, started = self.active, time.perf_counter()
+        timings: dict[str, float] = {}
+        dense, lexical, answered, failed = [], [], [], []
+        filters = request.filters.model_dump() if request.filters else None
+        depth = request.k if request.mode == "dense" else max(request.k, HYBRID_DEPTH)
+        try:
+            if request.mode in ("dense", "hybrid"):
+                xq = await self._call(self.encoder.encode.remote(version, request.query))
+                timings["encode"] = (time.perf_counter() - started) * 1000
+                try:
+                    per_shard, answered = await self._dense(version, xq, depth, filters)
+                except ShardFailure as exc:
+                    if not request.allow_partial:
+                        raise
+                    per_shard, answered, failed = exc.hits, exc.answered, exc.failed
+                dense = merge_hits(per_shard, depth)
+            if request.mode in ("lexical", "hybrid"):
+                if self.lexical is None:
+                    raise HTTPException(400, "this index was built without BM25: "
+                                             "lexical and hybrid modes are unavailable")
+                lexical = await self._call(self.lexical.search.remote(
+                    version, request.query, depth, filters))
+        except ShardFailure as exc:
+            self.requests.inc(tags={"mode": request.mode, "status": "503"})
+            raise HTTPException(503, f"shards {exc.failed} of {len(self.shards)} did not "
+                                     "answer; retry, or set allow_partial",
+                                headers={"Retry-After": "1"}) from None
+        except HTTPException:
+            raise
+        except Exception as exc:  # encoder or lexical replica down, timeout
+            log.warning("search failed: %r", exc)
+            self.requests.inc(tags={"mode": request.mode, "status": "503"})
+            raise HTTPException(503, f"service unavailable ({type(exc).__name__}); retry",
+                                headers={"Retry-After": "1"}) from None
+        if request.mode == "dense":
+            hits = dense[: request.k]
+        elif request.mode == "lexical":
+            hits = lexical[: request.k]
+        else:
+            hits = fuse_hits(dense, lexical, request.k)
+        timings["total"] = (time.perf_counter() - started) * 1000
+        self.requests.inc(tags={"mode": request.mode, "status": "200"})
+        return SearchResponse(
+            results=hits, mode=request.mode, version=version, model_id=self.model_id,
+            partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
+            timings_ms={k: round(v, 2) for k, v in timings.items()},
+        )
+
+    @app.get("/healthz", response_model=Health,
+             responses={503: {"description": "some shard does not answer"}})
+    async def healthz(self) -> Any:
+        calls = [self._call(h.ping.remote(self.active)) for h in self.shards]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        answered = [i for i, r in enumerate(results) if r is True]
+        failed = [i for i in range(len(self.shards)) if i not in answered]
+        body = Health(status="ok" if not failed else "degraded", version=self.active,
+                      shards=ShardStatus(answered=answered, failed=failed))
+        return JSONResponse(body.model_dump(), status_code=200 if not failed else 503)

@@ -1,0 +1,78 @@
+"""The HTTP API's request and response models (validated by FastAPI; errors are 4xx)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_QUERY_CHARS = 512
+MAX_K = 100
+
+
+class Filters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    category: str | None = Field(None, max_length=256,
+                                 description="category path prefix, e.g. 'Home > Kitchen'")
+    price_min: float | None = Field(None, ge=0, allow_inf_nan=False)
+    price_max: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _range(self) -> Filters:
+        if self.price_min is not None and self.price_max is not None \
+                and self.price_min > self.price_max:
+            raise ValueError("price_min must not exceed price_max")
+        return self
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS,
+                       description="the shopper's query")
+    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
+    mode: Literal["dense", "lexical", "hybrid"] = Field(
+        "dense", description="dense (the dual encoder), lexical (BM25) or hybrid (RRF of both)")
+    filters: Filters | None = None
+    allow_partial: bool = Field(
+        False, description="answer from the shards that responded when some failed "
+                           "(marked partial) instead of a 503")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must contain non-whitespace characters")
+        return value.strip()
+
+
+class Hit(BaseModel):
+    product_id: str
+    title: str | None
+    score: float
+    shard: int | None = Field(None, description="the shard that returned it (dense results)")
+    category: str | None = None
+    price: float | None = None
+
+
+class ShardStatus(BaseModel):
+    answered: list[int]
+    failed: list[int]
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    mode: str
+    version: str
+    model_id: str
+    partial: bool = Field(False, description="true when some shards failed and "
+                                             "allow_partial was set")
+    shards: ShardStatus
+    timings_ms: dict[str, float]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    shards: ShardStatus

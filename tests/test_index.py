@@ -1,0 +1,156 @@
+"""FAISS functions against brute force; the index folder: build, load, refuse corruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from retrieval_platform.index.faiss_ops import (
+    IndexParams,
+    brute_force_topk,
+    build_index,
+    merge_topk,
+    search_index,
+    search_shards,
+    shard_bounds,
+)
+
+
+def _data(n=3000, d=32, nq=20, seed=0):
+    rng = np.random.default_rng(seed)
+    xb = rng.standard_normal((n, d)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = rng.standard_normal((nq, d)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    return xb, xq
+
+
+def test_shard_bounds_cover_every_row_once():
+    assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert shard_bounds(2, 3) == [(0, 1), (1, 1), (1, 2)]
+    with pytest.raises(ValueError):
+        shard_bounds(10, 0)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 7])
+def test_sharded_exact_search_equals_flat_and_brute_force(num_shards):
+    xb, xq = _data()
+    k = 10
+    D_ref, I_ref = brute_force_topk(xq, xb, k)
+    params = IndexParams()
+    shards = [(build_index(xb[a:b], params), a) for a, b in shard_bounds(len(xb), num_shards)]
+    D, I = search_shards(shards, xq, k, params)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+    _, I_flat = search_index(build_index(xb, params), xq, k, params)
+    np.testing.assert_array_equal(I_flat, I_ref)
+
+
+def test_merge_topk_handles_missing_results():
+    D, I = merge_topk([np.array([[0.9, -np.inf]]), np.array([[0.95, 0.1]])],
+                      [np.array([[4, -1]]), np.array([[7, 9]])], 3)
+    np.testing.assert_array_equal(I, [[7, 4, 9]])
+    np.testing.assert_allclose(D, [[0.95, 0.9, 0.1]])
+    _, I = merge_topk([np.array([[0.5, -np.inf]])], [np.array([[1, -1]])], 2)
+    np.testing.assert_array_equal(I, [[1, -1]])
+
+
+@pytest.mark.parametrize(("kind", "extra", "min_recall"), [
+    ("ivf_flat", {"nprobe": 40}, 0.9), ("hnsw", {"ef_search": 64}, 0.9),
+    ("ivf_pq", {"nprobe": 40, "pq_m": 8}, 0.4),
+])
+def test_approximate_indexes_find_most_true_neighbours(kind, extra, min_recall):
+    xb, xq = _data(n=4000)
+    _, I_ref = brute_force_topk(xq, xb, 10)
+    params = IndexParams(kind=kind, **extra)
+    _, I = search_index(build_index(xb, params), xq, 10, params)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)])
+    assert recall >= min_recall
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw", "ivf_pq"])
+def test_filters_return_only_allowed_rows(kind):
+    xb, xq = _data(n=2000)
+    params = IndexParams(kind=kind, pq_m=8)
+    index = build_index(xb, params)
+    allowed = np.zeros(len(xb), dtype=bool)
+    allowed[[3, 50, 700, 1999]] = True  # selective: exact search on the subset
+    _, I = search_index(index, xq, 10, params, allowed)
+    assert set(I[I >= 0].tolist()) <= {3, 50, 700, 1999}
+    if kind != "ivf_pq":  # exact on the subset: the same as brute force over it
+        _, I_ref = brute_force_topk(xq, xb[allowed], 4)
+        np.testing.assert_array_equal(I[:, :4], np.flatnonzero(allowed)[I_ref])
+    half = np.arange(len(xb)) % 2 == 0  # broad filter: the index's own filtered search
+    _, I = search_index(index, xq, 10, params, half)
+    assert (I[I >= 0] % 2 == 0).all()
+
+
+@pytest.fixture(scope="module")
+def built_index(ray_local, tmp_path_factory):
+    from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
+    from retrieval_platform.config import from_dict
+    from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+
+    root = tmp_path_factory.mktemp("idx")
+    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 300},
+                                              "output_dir": str(root / "data")}))
+    manifest = build_index_dir(from_dict(BuildIndexConfig, {
+        "prepared_dir": str(root / "data"), "model": "tiny", "output_root": str(root / "indexes"),
+        "version": "v1", "num_shards": 3,
+        "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64}}))
+    return root, manifest
+
+
+def test_build_index_publishes_a_verifiable_version(built_index):
+    from retrieval_platform.index.store import load_manifest, load_shard, resolve_index_dir
+    from retrieval_platform.serving.core import LocalSearcher
+
+    root, manifest = built_index
+    assert resolve_index_dir(root / "indexes") == root / "indexes" / "v1"
+    assert manifest["num_products"] == 300
+    assert [s["count"] for s in manifest["shards"]] == [100, 100, 100]
+    assert load_manifest(root / "indexes")["model"]["model_id"].startswith("tiny-")
+    assert (root / "indexes" / "v1" / "embeddings").is_dir()
+    shard = load_shard(root / "indexes" / "v1", 2)
+    assert shard.offset == 200 and shard.index.ntotal == 100
+    searcher = LocalSearcher(root / "indexes" / "v1")
+    hits = searcher.search("red running shoes", k=5)
+    assert len(hits) == 5 and hits[0]["score"] >= hits[-1]["score"]
+    assert {h["shard"] for h in hits} <= {0, 1, 2}
+    lexical = searcher.search("running shoes", k=5, mode="lexical")
+    assert all("running" in h["title"].lower() or "shoe" in h["title"].lower() for h in lexical)
+    cat = searcher.search("shoes", k=20, filters={"category": "sports > footwear"})
+    assert cat and all(h["category"].lower().startswith("sports > footwear") for h in cat)
+    cheap = searcher.search("kettle", k=20, mode="hybrid", filters={"price_max": 20.0})
+    assert all(h["price"] <= 20.0 for h in cheap)
+
+
+def test_corrupted_or_lying_index_is_refused(built_index, tmp_path):
+    from retrieval_platform.index.store import IndexLoadError, load_shard
+
+    root, _ = built_index
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "indexes" / "v1", bad)
+    faiss_file = bad / "shard_001.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:-100])  # truncated
+    with pytest.raises(IndexLoadError, match=r"shard_001\.faiss: sha256 does not match"):
+        load_shard(bad, 1)
+    load_shard(bad, 0)  # the intact shards still load
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["model"]["dim"] = 128  # lies about the dimension
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="dimension 64, manifest says 128"):
+        load_shard(bad, 0)
+    manifest["model"]["dim"] = 64
+    manifest["shards"][0]["count"] = 99  # lies about the count
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="manifest says 99"):
+        load_shard(bad, 0)
+    with pytest.raises(IndexLoadError, match="built with model"):
+        load_shard(root / "indexes" / "v1", 0, expected_model_id="other-model")
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexLoadError, match="not valid JSON"):
+        load_shard(bad, 0)

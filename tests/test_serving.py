@@ -1,0 +1,228 @@
+"""The Serve application over real HTTP on loopback: results equal in-process search, input
+errors are 4xx with a message, the API key, a version swap under load, a shard that dies."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
+from retrieval_platform.config import from_dict
+from retrieval_platform.encoder.backbones import build_tiny_backbone
+from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.index.store import BuildIndexConfig, IndexLoadError, build_index_dir
+from retrieval_platform.serving.app import AppArgs
+from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
+from retrieval_platform.serving.core import LocalSearcher
+
+API_KEY = "test-key-0123456789"
+QUERIES = ["red running shoes", "stainless steel kettle", "phone case", "cordless drill 18V"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 400, "seed": 2},
+                                              "output_dir": str(root / "data")}))
+    # Two versions with different weights: the tiny backbone under two seeds.
+    models = {}
+    for seed in (0, 1):
+        build_tiny_backbone(root / f"backbone{seed}", seed=seed)
+        models[seed] = DualEncoder.from_pretrained(root / f"backbone{seed}", pooling="last")
+        models[seed].settings.base = f"tiny{seed}"
+        models[seed].save(root / f"model{seed}")
+    out = {}
+    for version, seed in (("v1", 0), ("v2", 1)):
+        build_index_dir(from_dict(BuildIndexConfig, {
+            "prepared_dir": str(root / "data"), "model": str(root / f"model{seed}"),
+            "output_root": str(root / "indexes"), "version": version, "num_shards": 2,
+            "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 100}}))
+        out[version] = root / "indexes" / version
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(indexes, tmp_path_factory):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    key_file = tmp_path_factory.mktemp("secret") / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    args = AppArgs(index=str(indexes["v1"]), api_key_file=str(key_file),
+                   encoder={"cpus": 0.2, "max_replicas": 1}, shard_cpus=0.05, lexical_cpus=0.05,
+                   ingress_cpus=0.05, max_body_bytes=4096, request_timeout_s=5.0)
+    apply(serve_config([app_config(args)], port=port))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY},
+                          timeout=30.0)
+    yield {"client": client, "args": args}
+    client.close()
+    serve.delete("retrieval")
+
+
+@pytest.fixture(scope="module")
+def local(indexes) -> dict[str, LocalSearcher]:
+    return {v: LocalSearcher(path) for v, path in indexes.items()}
+
+
+def _ids(hits) -> list[str]:
+    return [h["product_id"] for h in hits]
+
+
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_http_results_equal_in_process_search(service, local, mode):
+    client = service["client"]
+    for query in QUERIES:
+        for filters in (None, {"category": "Electronics"}, {"price_min": 10, "price_max": 80}):
+            body = {"query": query, "k": 7, "mode": mode} | ({"filters": filters} if filters
+                                                              else {})
+            r = client.post("/search", json=body)
+            assert r.status_code == 200, r.text
+            data = r.json()
+            expected = local["v1"].search(query, 7, mode, filters)
+            assert _ids(data["results"]) == _ids(expected)
+            for got, want in zip(data["results"], expected, strict=True):
+                assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+            assert data["version"] == "v1" and not data["partial"]
+            if mode != "lexical":
+                assert data["shards"] == {"answered": [0, 1], "failed": []}
+
+
+def test_health_docs_and_openapi(service):
+    client = service["client"]
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    spec = httpx.get(str(client.base_url) + "/openapi.json").json()  # open without a key
+    assert "/search" in spec["paths"]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"query": ""}, 422, "at least 1 character"),
+    ({"query": "   "}, 422, "non-whitespace"),
+    ({"query": "x" * 600}, 422, "at most 512 characters"),
+    ({"query": "shoes", "k": 0}, 422, "greater than or equal to 1"),
+    ({"query": "shoes", "k": 1000}, 422, "less than or equal to 100"),
+    ({"query": "shoes", "k": "ten"}, 422, "valid integer"),
+    ({"query": 42}, 422, "valid string"),
+    ({"query": "shoes", "colour": "red"}, 422, "Extra inputs are not permitted"),
+    ({"query": "shoes", "mode": "semantic"}, 422, "'dense', 'lexical' or 'hybrid'"),
+    ({"query": "shoes", "filters": {"price_min": 50, "price_max": 10}}, 422, "price_min"),
+    ({"query": "shoes", "filters": {"brand": "x"}}, 422, "Extra inputs"),
+])
+def test_bad_requests_are_4xx_with_a_message(service, body, status, message):
+    r = service["client"].post("/search", json=body)
+    assert r.status_code == status
+    assert message in r.text
+
+
+def test_transport_level_errors(service):
+    client = service["client"]
+    r = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/search", content=b"x" * 5000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 4096 bytes" in r.text
+    assert client.get("/search").status_code == 405
+    assert client.get("/nope").status_code == 404
+
+
+def test_api_key_is_required(service):
+    base = str(service["client"].base_url)
+    assert httpx.post(base + "/search", json={"query": "shoes"}).status_code == 401
+    r = httpx.post(base + "/search", json={"query": "shoes"}, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and "X-API-Key" in r.text
+
+
+def test_version_swap_under_load_drops_nothing(service, indexes, local, tmp_path):
+    """Requests run during the swap: every one succeeds and equals the in-process answer of
+    the version it names."""
+    client = service["client"]
+    expected = {v: {q: _ids(local[v].search(q, 5)) for q in QUERIES} for v in local}
+    assert expected["v1"] != expected["v2"]
+    seen: list[tuple[int, str, str, list[str]]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        deadline = time.monotonic() + 240  # bounded, whatever happens
+        while not stop.is_set() and time.monotonic() < deadline:
+            q = QUERIES[i % len(QUERIES)]
+            r = client.post("/search", json={"query": q, "k": 5})
+            body = r.json() if r.status_code == 200 else {"error": r.text}
+            seen.append((r.status_code, body.get("version", body.get("error")), q,
+                         _ids(body.get("results", []))))
+            i += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        swapped = swap_version(str(indexes["v2"]))
+    finally:
+        time.sleep(1.0)
+        stop.set()
+        worker.join()
+    assert swapped["from"] == "v1" and swapped["to"] == "v2"
+    assert len(seen) > 10
+    assert all(status == 200 for status, *_ in seen), [s for s in seen if s[0] != 200][:3]
+    for _, version, q, ids in seen:
+        assert version in ("v1", "v2") and ids == expected[version][q]
+    assert {v for _, v, *_ in seen} == {"v1", "v2"}
+    after = client.post("/search", json={"query": QUERIES[0], "k": 5}).json()
+    assert after["version"] == "v2" and after["model_id"].startswith("tiny1-")
+
+    # A corrupted version is refused before any replica is touched; v2 keeps serving.
+    import shutil
+
+    bad = tmp_path / "v3"
+    shutil.copytree(indexes["v2"], bad)
+    manifest = (bad / "manifest.json").read_text().replace('"version": "v2"', '"version": "v3"')
+    (bad / "manifest.json").write_text(manifest)
+    shard = bad / "shard_000.faiss"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(IndexLoadError, match="sha256 does not match"):
+        swap_version(str(bad))
+    still = client.post("/search", json={"query": QUERIES[1], "k": 5})
+    assert still.status_code == 200 and still.json()["version"] == "v2"
+
+
+def test_a_dead_shard_replica_gives_503_or_partial_never_a_wrong_answer(service, local):
+    import ray
+
+    client = service["client"]
+    version = client.post("/search", json={"query": "x", "k": 1}).json()["version"]
+    full = {q: _ids(local[version].search(q, 5)) for q in QUERIES}
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "Shard_1" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=False)
+    outcomes = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        q = QUERIES[len(outcomes) % len(QUERIES)]
+        partial = len(outcomes) % 2 == 1
+        r = client.post("/search", json={"query": q, "k": 5, "allow_partial": partial})
+        outcomes.append((r.status_code, r.json() if r.status_code == 200 else r.text, q))
+        if r.status_code == 200 and not r.json()["partial"] and len(outcomes) > 4:
+            break
+        time.sleep(0.2)
+    for status, body, q in outcomes:
+        assert status in (200, 503), body
+        if status == 503:
+            assert "did not answer" in body or "unavailable" in body
+        elif body["partial"]:
+            assert body["shards"]["failed"] == [1]
+            assert all(h["shard"] == 0 for h in body["results"])
+        else:
+            assert _ids(body["results"]) == full[q]  # a complete answer is the right answer
+    assert outcomes[-1][0] == 200  # Serve replaced the replica
