@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Set up (first run) and run the platform end to end on the embedded default catalog.
+# The platform end to end: set up .venv (first run), start a local Ray cluster with its
+# dashboard, prepare the catalog, train both stages, evaluate, build the index, serve it, query.
+#
+#   ./quickstart.sh                      the embedded default (a generated catalog), ~15 min
+#   ./quickstart.sh --homedepot [PATH]   Home Depot data (default ../shared/data/homedepot)
+#   ./quickstart.sh --config FILE [...]  any pipeline config (and retrieval-platform options)
+#   ./quickstart.sh stop                 stop Serve, the jobs and the local Ray cluster
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_env.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m data_jobs.prepare_catalog --config configs/prepare_synthetic.yaml "$@"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# `ray start` turns on token authentication; clients send ~/.ray/auth_token in token mode.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+RP=.venv/bin/retrieval-platform
+case "${1:-}" in
+  stop) exec "$RP" stop ;;
+  status) exec "$RP" status ;;
+  --homedepot)
+    shift
+    path=${1:-../shared/data/homedepot}
+    [ $# -gt 0 ] && shift
+    exec "$RP" pipeline --config configs/pipeline_homedepot.yaml --data-path "$path" "$@" ;;
+  *) exec "$RP" pipeline --config configs/pipeline_synthetic.yaml "$@" ;;
+esac

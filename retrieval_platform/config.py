@@ -131,13 +131,29 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = [p for p in dotted.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key")
-        node = data
+        node: Any = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # steps.0.set=...: an index into a list
+                node = node[_index(node, part, item)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        if isinstance(node, list):
+            node[_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _index(items: list, part: str, item: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise ConfigError(f"--set {item!r}: {part!r} is not an index of a {len(items)}-item list")
+    return int(part)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -68,8 +68,15 @@ def ray_session() -> Iterator[None]:
 
 
 def run_job(name: str, body: Callable[[], object]) -> int:
-    """Run ``body`` inside a Ray session; return the process exit code."""
+    """Run ``body`` inside a Ray session; return the process exit code.
+
+    ``RP_HOME``, when set (the pipeline sets it on every job it submits), is the folder that
+    relative paths in configs are relative to: a submitted job's own working directory is a
+    temporary copy, and its outputs must outlive it."""
     configure_logging()
+    home = os.environ.get("RP_HOME")
+    if home:
+        os.chdir(home)
     try:
         with ray_session():
             body()

@@ -16,12 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = Path(os.environ.get("HOMEDEPOT_DIR", REPO.parent / "shared" / "data" / "homedepot"))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """One local Ray for the session, with its dashboard (job API, state API) on loopback."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=_free_port(),
                  logging_level="WARNING", log_to_driver=False)
     yield ray
     try:

@@ -56,6 +56,10 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert cfg.inner.lr == 1e-5 and cfg.tags == ["a", "b"] and cfg.limit is None
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["inner.lr"])
+    listed = apply_overrides({"steps": [{"a": 1}, {"a": 2}]}, ["steps.1.a=5", "steps.0=x"])
+    assert listed == {"steps": ["x", {"a": 5}]}
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides({"steps": [{"a": 1}]}, ["steps.3.a=5"])
 
 
 def test_load_config_reports_file(tmp_path):
@@ -85,8 +89,17 @@ def test_every_yaml_in_the_repo_opens_with_its_command_and_loads(path):
     if (m := re.search(r"python -m ([\w.]+)", first)) and "--config" in first:
         module = importlib.import_module(m.group(1))
         load_config(module.CONFIG, path)
+    elif "retrieval-platform pipeline" in first:
+        from retrieval_platform.pipeline import PipelineConfig
+
+        cfg = load_config(PipelineConfig, path)
+        for step in cfg.steps:  # every step names a job and a config that loads
+            module = importlib.import_module(step.job)
+            load_config(module.CONFIG, REPO / step.config,
+                        [s.replace("{name}", cfg.name) for s in step.set])
     elif "serve " in first:
         from ray.serve.schema import ServeDeploySchema
+
         from serve_apps.retrieval_app import AppArgs
 
         schema = ServeDeploySchema.model_validate(data)

@@ -173,8 +173,9 @@ def _smollm2() -> Path:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "tiny": BackboneSpec("tiny", "last", DEFAULT_QUERY_INSTRUCTION, 32, 64, _tiny),
-    "minilm-l6": BackboneSpec("minilm-l6", "mean", DEFAULT_QUERY_INSTRUCTION, 32, 128, _minilm,
-                              MINILM_HINT),
+    # MiniLM was not trained with instructions: a long one costs zero-shot NDCG@10 on Home
+    # Depot dev (0.459 -> 0.346, docs/RESULTS.md); a short prefix keeps queries distinct.
+    "minilm-l6": BackboneSpec("minilm-l6", "mean", "query: ", 32, 128, _minilm, MINILM_HINT),
     "smollm2-135m": BackboneSpec("smollm2-135m", "last", DEFAULT_QUERY_INSTRUCTION, 32, 96,
                                  _smollm2, SMOLLM2_HINT),
 }

@@ -89,7 +89,10 @@ def build_app(args: AppArgs) -> Application:
     """Encoder (autoscaling, batching) + one deployment per shard + BM25 behind one ingress."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
-    manifest = load_manifest(args.index)
+    index = Path(args.index)
+    if not index.is_absolute() and os.environ.get("RP_HOME"):
+        index = Path(os.environ["RP_HOME"]) / index
+    manifest = load_manifest(index)
     if args.lexical and not manifest.get("bm25"):
         raise PlatformError(f"{args.index}: built without bm25; set lexical: false or rebuild")
     api_key = _api_key(args)

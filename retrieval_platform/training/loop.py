@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -265,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     print(f"[{cfg.stage}] step {step}/{cfg.optim.max_steps} "
                           + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                     if k not in ("step",)), flush=True)
+                                     if k not in ("step",)), file=sys.stderr, flush=True)
                 report(metrics, save)
                 window_start, window_samples = time.perf_counter(), 0
             if last:

@@ -52,6 +52,8 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
+    if Path(cfg.model.init).exists():  # workers do not share this process's directory
+        cfg.model.init = str(Path(cfg.model.init).absolute())
     examples = build_examples(cfg)
     per_step = cfg.optim.batch_size * cfg.scaling.num_workers
     if examples.num_rows < per_step:

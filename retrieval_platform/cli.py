@@ -1,0 +1,102 @@
+"""``retrieval-platform``: the end-to-end pipeline, version swaps, status and stop.
+
+    retrieval-platform pipeline --config configs/pipeline_synthetic.yaml
+    retrieval-platform swap --index runs/indexes/synthetic/v20261124-101500
+    retrieval-platform status
+    retrieval-platform stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# `ray start` turns on token authentication (Ray >= 2.59) and writes ~/.ray/auth_token; Ray's
+# clients send it only in token mode, which must be set before Ray is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from retrieval_platform.config import ConfigError, load_config
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.jobs import configure_logging
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from retrieval_platform.pipeline import PipelineConfig, print_summary, run_pipeline
+
+    home = Path.cwd()
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if args.name:
+        cfg.name = args.name
+    for step in cfg.steps:  # the data options reach the preparation step
+        if step.job.endswith("prepare_catalog"):
+            if args.data_format:
+                step.set.append(f"source.format={args.data_format}")
+            if args.data_path:
+                step.set.append(f"source.path={Path(args.data_path).absolute()}")
+    out = run_pipeline(cfg, home)
+    print_summary(cfg, home, out)
+    return 0
+
+
+def _swap(args: argparse.Namespace) -> int:
+    import ray
+
+    from retrieval_platform.serving.control import swap_version
+
+    ray.init(address=args.address, logging_level=logging.WARNING, configure_logging=False)
+    print(json.dumps(swap_version(str(Path(args.index).absolute()), app_name=args.app), indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    subprocess.run([ray_bin, "status"], check=False)
+    subprocess.run([serve_bin, "status", "--address", args.dashboard], check=False)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    """Stop Serve, every job and the local cluster this machine started."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run([ray_bin, "stop"], check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="retrieval-platform", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pipeline", help="prepare, train both stages, evaluate, index, serve")
+    p.add_argument("--config", default="configs/pipeline_synthetic.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--name", help="namespace of every output (runs/*/NAME)")
+    p.add_argument("--data-format", help="source format for the preparation step "
+                                         "(synthetic, homedepot, esci, wands, canonical)")
+    p.add_argument("--data-path", help="source folder for the preparation step")
+    p.set_defaults(func=_pipeline)
+    s = sub.add_parser("swap", help="serve another index version without dropping requests")
+    s.add_argument("--index", required=True, help="the new index version folder")
+    s.add_argument("--app", default="retrieval")
+    s.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    s.set_defaults(func=_swap)
+    st = sub.add_parser("status", help="the cluster's resources and the Serve applications")
+    st.add_argument("--dashboard", default="http://127.0.0.1:8265")
+    st.set_defaults(func=_status)
+    sub.add_parser("stop", help="stop Serve and the local Ray cluster").set_defaults(func=_stop)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        return args.func(args)
+    except (PlatformError, ConfigError) as exc:
+        print(f"retrieval-platform {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
