@@ -134,6 +134,7 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     address = cluster_address(cfg.cluster)
     timings["cluster"] = time.monotonic() - t0
+    free_serve_resources(cfg.serve.app_name)
     for step in cfg.steps:
         args = [sys.executable, "-m", step.job, "--config", step.config]
         for item in step.set:
@@ -152,6 +153,26 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     timings["serve"] = time.monotonic() - started
     answers = query_examples(url, cfg.examples)
     return {"address": address, "url": url, "timings": timings, "answers": answers}
+
+
+def free_serve_resources(app_name: str) -> None:
+    """A previous run's application holds CPUs the training workers need: delete it (the
+    pipeline deploys the new one at the end)."""
+    import ray
+    from ray import serve
+
+    ray.init(address="auto", logging_level=logging.WARNING, configure_logging=False)
+    try:
+        try:
+            running = serve.status().applications
+        except Exception:  # no Serve instance on the cluster yet
+            running = {}
+        if app_name in running:
+            print(f"deleting the running Serve application {app_name!r} until the new index "
+                  "is ready (its replicas hold CPUs that training needs)", flush=True)
+            serve.delete(app_name)
+    finally:
+        ray.shutdown()
 
 
 def deploy_serve(cfg: PipelineConfig, home: Path) -> str:

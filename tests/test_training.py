@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import torch
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
+from retrieval_platform.chaos import kill_train_worker_after_checkpoint
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 from retrieval_platform.evaluation import EvaluateConfig, evaluate
@@ -154,51 +152,20 @@ def test_stage2_examples_hold_graded_groups(prepared):
         assert grades == sorted(grades, reverse=True)
 
 
-def _train_workers() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
-            pids.append(proc.pid)
-    return pids
-
-
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Ray Train's controller writes this snapshot once it has registered a checkpoint."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):
-        return False
-
-
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, done: threading.Event) -> list[int]:
-    while not done.is_set():
-        if _registered_checkpoint(run_dir) and (workers := _train_workers()):
-            os.kill(workers[0], signal.SIGKILL)
-            return [workers[0]]
-        time.sleep(0.1)
-    return []
-
-
 def test_a_worker_that_dies_is_replaced_and_training_resumes(prepared, tmp_path):
     cfg = _cfg(prepared, tmp_path, "faulty", optim__max_steps=400, run__checkpoint_every=20,
                run__log_every=20, optim__batch_size=8)
-    done = threading.Event()
-    killed: list[int] = []
-    killer = threading.Thread(
-        target=lambda: killed.extend(
-            _kill_a_worker_after_first_checkpoint(tmp_path / "runs" / "faulty", done)))
+    stop = threading.Event()
+    killed: list = []
+    killer = threading.Thread(target=lambda: killed.append(
+        kill_train_worker_after_checkpoint(tmp_path / "runs" / "faulty", stop)))
     killer.start()
     try:
         result = train(cfg)
     finally:
-        done.set()
+        stop.set()
         killer.join()
-    assert killed, "the run finished before a worker could be killed"
+    assert killed and killed[0] is not None, "the run finished before a worker could be killed"
     assert result.metrics["step"] == 400
     assert result.metrics["resumed_from_step"] >= 20  # restarted from a checkpoint, not from 0
     assert np.isfinite(result.metrics["loss"])

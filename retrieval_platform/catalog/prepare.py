@@ -301,7 +301,11 @@ def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
                 num_cpus=0.5,
             ).materialize()
             (tmp / kind).mkdir()
-            accepted.repartition(max(1, accepted.num_blocks() // 8)).write_parquet(str(tmp / kind))
+            if accepted.count():
+                accepted.repartition(max(1, accepted.num_blocks() // 8)).write_parquet(
+                    str(tmp / kind))
+            else:  # an empty dataset writes no file; readers still need the schema
+                pq.write_table(out_schema.empty_table(), tmp / kind / "empty.parquet")
             rejects.append(rejected)
             reasons = Counter(_reason_class(r) for r in _column(rejected, "reason"))
             counts[kind] = schema.TableCounts(

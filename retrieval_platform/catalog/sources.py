@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from retrieval_platform.catalog import schema
@@ -85,46 +84,58 @@ def _require_file(path: Path) -> Path:
 
 
 def _read_csv(path: Path, kind: str, delimiter: str, malformed: list[MalformedRecord]) -> pa.Table:
-    """All columns as raw bytes (decoded strictly, per row, later), with line numbers."""
+    """All columns as raw bytes (decoded strictly, per row, later), with line numbers.
+
+    Python's csv module, not pyarrow's reader: a record of the wrong width whose text is not
+    UTF-8 makes pyarrow fail the whole file, and csv gives the line where each record starts
+    (multi-line quoted fields included). Invalid bytes survive as bytes (surrogateescape), so
+    the validator can reject exactly the field that holds them."""
     _require_file(path)
-    with path.open("rb") as fh:
-        header_bytes = fh.readline()
-    try:
-        header_line = header_bytes.decode("utf-8-sig").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise CatalogFormatError(f"{path}: the header line is not UTF-8") from None
-    if not header_line.strip():
-        raise CatalogFormatError(f"{path}: empty file or empty header line")
-    header = next(csv.reader([header_line], delimiter=delimiter))
-    if len(set(header)) != len(header):
-        raise CatalogFormatError(f"{path}: duplicate column names in the header: {header}")
+    csv.field_size_limit(64 * 1024 * 1024)
+    with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise CatalogFormatError(f"{path}: unreadable header ({exc})") from None
+        if not header or not any(h.strip() for h in header):
+            raise CatalogFormatError(f"{path}: empty file or empty header line")
+        header[0] = header[0].lstrip("\ufeff")
+        if any(_has_surrogates(h) for h in header):
+            raise CatalogFormatError(f"{path}: the header line is not UTF-8")
+        if len(set(header)) != len(header):
+            raise CatalogFormatError(f"{path}: duplicate column names in the header: {header}")
+        columns: list[list[bytes]] = [[] for _ in header]
+        records: list[int] = []
+        line = reader.line_num
+        while True:
+            start = line + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise CatalogFormatError(f"{path}: line {start}: {exc}") from None
+            line = reader.line_num
+            if not row:  # a blank line is no record
+                continue
+            if len(row) != len(header):
+                text = delimiter.join(row).encode("utf-8", "surrogateescape")
+                malformed.append(MalformedRecord(
+                    kind, str(path), start,
+                    f"malformed record: expected {len(header)} fields, got {len(row)}",
+                    json.dumps({"text": text.decode("utf-8", "backslashreplace")}),
+                ))
+                continue
+            for column, value in zip(columns, row, strict=True):
+                column.append(value.encode("utf-8", "surrogateescape"))
+            records.append(start)
+    table = {name: pa.array(col, pa.binary()) for name, col in zip(header, columns, strict=True)}
+    return pa.table(table | {RECORD: pa.array(records, pa.int64())})
 
-    bad_lines: list[int] = []
 
-    def on_invalid(row: pcsv.InvalidRow) -> str:
-        bad_lines.append(row.number or -1)
-        malformed.append(
-            MalformedRecord(
-                kind, str(path), row.number or -1,
-                f"malformed record: expected {row.expected_columns} fields, "
-                f"got {row.actual_columns}",
-                json.dumps({"text": row.text}),
-            )
-        )
-        return "skip"
-
-    table = pcsv.read_csv(
-        path,
-        read_options=pcsv.ReadOptions(use_threads=False),  # line numbers for skipped records
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-        convert_options=pcsv.ConvertOptions(
-            column_types={name: pa.binary() for name in header}, strings_can_be_null=False
-        ),
-    )
-    # Valid records are the lines from 2 on that the parser did not skip (no multi-line fields).
-    n_lines = table.num_rows + len(bad_lines)
-    lines = np.setdiff1d(np.arange(2, n_lines + 2), np.asarray(bad_lines, dtype=np.int64))
-    return table.append_column(RECORD, pa.array(lines[: table.num_rows], pa.int64()))
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _read_parquet(path: Path) -> pa.Table:
