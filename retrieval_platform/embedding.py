@@ -57,7 +57,9 @@ def embed_products(ds: ray.data.Dataset, model_dir: str, cfg: EmbedConfig) -> ra
 
 def collect(ds: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, list], np.ndarray]:
     """Bring an embedded dataset to the driver: its other columns and an (n, d) matrix."""
-    tables = [t for t in ray.get(ds.select_columns([*columns, "embedding"]).to_arrow_refs())
+    # No select_columns here: a projection after the actor stage is a task needing a CPU the
+    # actors still hold, and the execution would wait forever. Pick the columns locally.
+    tables = [t.select([*columns, "embedding"]) for t in ray.get(ds.to_arrow_refs())
               if t.num_rows]
     table = pa.concat_tables(tables)
     emb = table["embedding"].combine_chunks()
