@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import ray
+from _setup import local_ray, synthetic_catalog, synthetic_index
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
 from retrieval_platform.chaos import kill_serve_replica
-from retrieval_platform.config import from_dict
-from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config
 from retrieval_platform.serving.core import LocalSearcher
@@ -78,14 +73,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8012)
     parser.add_argument("--json")
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
-    tmp = tempfile.mkdtemp(prefix="fault-serve-")
-    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": args.products},
-                                              "output_dir": f"{tmp}/data"}))
-    index = build_index_dir(from_dict(BuildIndexConfig, {
-        "prepared_dir": f"{tmp}/data", "model": "minilm-l6", "output_root": f"{tmp}/idx",
-        "num_shards": 2, "bm25": False}))["path"]
+    local_ray()
+    tmp = synthetic_catalog(args.products, "fault-serve-")
+    index = synthetic_index(tmp, "minilm-l6", bm25=False)
     queries = PreparedDataset(f"{tmp}/data").queries()["text"].to_pylist()[:50]
     local = LocalSearcher(index)
     expected = {q: [h["product_id"] for h in local.search(q, 5)] for q in queries}

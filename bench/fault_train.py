@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-import ray
+from _setup import local_ray, synthetic_catalog
 
-from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.chaos import kill_train_worker_after_checkpoint
+from retrieval_platform.chaos import train_with_a_worker_killed
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.training.config import TrainConfig
-from retrieval_platform.training.trainer import train
 
 
 def main() -> None:
@@ -34,12 +29,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=30)
     parser.add_argument("--json")
     args = parser.parse_args()
-    cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
-    tmp = tempfile.mkdtemp(prefix="fault-train-")
-    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 3000},
-                                              "output_dir": f"{tmp}/data"}))
+    cpus = local_ray()
+    tmp = synthetic_catalog(3000, "fault-train-")
     cfg = from_dict(TrainConfig, {
         "model": {"init": args.backbone, "max_product_length": 48},
         "data": {"prepared_dir": f"{tmp}/data"},
@@ -50,20 +41,10 @@ def main() -> None:
                 "max_failures": 2},
         "output_dir": f"{tmp}/model",
     })
-    stop = threading.Event()
-    killed: list = []
-    killer = threading.Thread(target=lambda: killed.append(
-        kill_train_worker_after_checkpoint(Path(tmp) / "runs" / "fault", stop)))
     started = time.monotonic()
-    killer.start()
-    try:
-        result = train(cfg)
-    finally:
-        stop.set()
-        killer.join()
+    result, kill = train_with_a_worker_killed(cfg)
     wall = time.monotonic() - started
     DualEncoder.from_pretrained(result.model_dir)  # the final model folder loads
-    kill = killed[0]
     out = {
         "backbone": args.backbone, "steps": args.steps,
         "checkpoint_every": args.checkpoint_every,

@@ -14,19 +14,15 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
-import ray
+from _setup import local_ray, synthetic_catalog, synthetic_index
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.config import from_dict
-from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config
 from retrieval_platform.serving.core import LocalSearcher
@@ -83,14 +79,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json")
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
-    tmp = tempfile.mkdtemp(prefix="serve-bench-")
-    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": args.products},
-                                              "output_dir": f"{tmp}/data"}))
-    index = args.index or build_index_dir(from_dict(BuildIndexConfig, {
-        "prepared_dir": f"{tmp}/data", "model": args.model, "output_root": f"{tmp}/indexes",
-        "num_shards": 2}))["path"]
+    local_ray()
+    tmp = synthetic_catalog(args.products, "serve-bench-")
+    index = args.index or synthetic_index(tmp, args.model)
     queries = PreparedDataset(f"{tmp}/data").queries()["text"].to_pylist()
     rng = np.random.default_rng(0)
     load = [queries[i] for i in rng.integers(len(queries), size=args.requests)]

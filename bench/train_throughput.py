@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
+from _setup import local_ray, synthetic_catalog
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
 from retrieval_platform.config import from_dict
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples
@@ -59,31 +56,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json")
     args = parser.parse_args()
-    cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 3000},
-                                                  "output_dir": f"{tmp}/data"}))
-        per_worker = args.global_batch // args.workers
-        cfg = from_dict(TrainConfig, {
-            "model": {"init": args.backbone, "max_query_length": 32, "max_product_length": 64},
-            "data": {"prepared_dir": f"{tmp}/data", "hard_negatives": 1},
-            "optim": {"max_steps": 2 * args.steps, "batch_size": per_worker,
-                      "warmup_steps": 2},
-            "scaling": {"num_workers": args.workers, "cpus_per_worker": cpus / args.workers},
-            "run": {"name": "bench", "storage_path": f"{tmp}/runs", "log_every": args.steps,
-                    "checkpoint_every": 10**9, "max_failures": 0},
-            "output_dir": f"{tmp}/model",
-        })
-        examples = contrastive_examples(PreparedDataset(f"{tmp}/data"), hard_negatives=1)
+    cpus = local_ray()
+    tmp = synthetic_catalog(3000, "train-bench-")
+    per_worker = args.global_batch // args.workers
+    cfg = from_dict(TrainConfig, {
+        "model": {"init": args.backbone, "max_query_length": 32, "max_product_length": 64},
+        "data": {"prepared_dir": f"{tmp}/data", "hard_negatives": 1},
+        "optim": {"max_steps": 2 * args.steps, "batch_size": per_worker,
+                  "warmup_steps": 2},
+        "scaling": {"num_workers": args.workers, "cpus_per_worker": cpus / args.workers},
+        "run": {"name": "bench", "storage_path": f"{tmp}/runs", "log_every": args.steps,
+                "checkpoint_every": 10**9, "max_failures": 0},
+        "output_dir": f"{tmp}/model",
+    })
+    examples = contrastive_examples(PreparedDataset(f"{tmp}/data"), hard_negatives=1)
 
-        started = time.perf_counter()
-        result = train(cfg)
-        ray_wall = time.perf_counter() - started
-        # Reports come every `steps` steps; the last one's window is the second half.
-        ray_sps = result.metrics["samples_per_s"]
-        plain_sps = plain_loop(cfg, examples, args.global_batch, args.steps, args.steps, cpus)
+    started = time.perf_counter()
+    result = train(cfg)
+    ray_wall = time.perf_counter() - started
+    # Reports come every `steps` steps; the last one's window is the second half.
+    ray_sps = result.metrics["samples_per_s"]
+    plain_sps = plain_loop(cfg, examples, args.global_batch, args.steps, args.steps, cpus)
     out = {
         "backbone": args.backbone, "cpus": cpus, "global_batch": args.global_batch,
         "workers": args.workers, "steps_measured": args.steps,

@@ -68,3 +68,22 @@ def kill_serve_replica(app: str, deployment: str) -> str:
     name, namespace = replicas[0]
     ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
     return name
+
+
+def train_with_a_worker_killed(cfg) -> tuple[object, tuple[int, float] | None]:
+    """Run a training stage while one worker is SIGKILLed after its first registered
+    checkpoint; returns (TrainResult, (pid, kill time) or None if the run ended first)."""
+    from retrieval_platform.training.trainer import train
+
+    stop = threading.Event()
+    killed: list[tuple[int, float] | None] = []
+    run_dir = Path(cfg.run.storage_path).absolute() / cfg.run.name
+    killer = threading.Thread(
+        target=lambda: killed.append(kill_train_worker_after_checkpoint(run_dir, stop)))
+    killer.start()
+    try:
+        result = train(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    return result, killed[0] if killed else None

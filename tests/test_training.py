@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.chaos import kill_train_worker_after_checkpoint
+from retrieval_platform.chaos import train_with_a_worker_killed
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 from retrieval_platform.evaluation import EvaluateConfig, evaluate
@@ -155,17 +154,8 @@ def test_stage2_examples_hold_graded_groups(prepared):
 def test_a_worker_that_dies_is_replaced_and_training_resumes(prepared, tmp_path):
     cfg = _cfg(prepared, tmp_path, "faulty", optim__max_steps=400, run__checkpoint_every=20,
                run__log_every=20, optim__batch_size=8)
-    stop = threading.Event()
-    killed: list = []
-    killer = threading.Thread(target=lambda: killed.append(
-        kill_train_worker_after_checkpoint(tmp_path / "runs" / "faulty", stop)))
-    killer.start()
-    try:
-        result = train(cfg)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed and killed[0] is not None, "the run finished before a worker could be killed"
+    result, killed = train_with_a_worker_killed(cfg)
+    assert killed is not None, "the run finished before a worker could be killed"
     assert result.metrics["step"] == 400
     assert result.metrics["resumed_from_step"] >= 20  # restarted from a checkpoint, not from 0
     assert np.isfinite(result.metrics["loss"])

@@ -12,6 +12,7 @@ by one version end to end and none is dropped (:mod:`retrieval_platform.serving.
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
+from retrieval_platform.index.store import load_bm25, load_shard
 from retrieval_platform.serving import guard
 from retrieval_platform.serving.core import (
     HYBRID_DEPTH,
@@ -41,11 +43,14 @@ log = logging.getLogger("ray.serve")
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
-def _versions(user_config: dict[str, Any]) -> dict[str, str]:
-    versions = user_config.get("versions") or {}
-    if not versions:
+def _reload(loaded: dict[str, Any], user_config: dict[str, Any],
+            load: Callable[[str], Any]) -> dict[str, Any]:
+    """The versions ``user_config`` names: those already loaded are kept, new ones loaded
+    (``load(index_dir)``), the others dropped."""
+    wanted = user_config.get("versions") or {}
+    if not wanted:
         raise ValueError("user_config.versions must name at least one index version")
-    return dict(versions)
+    return {v: loaded[v] if v in loaded else load(index_dir) for v, index_dir in wanted.items()}
 
 
 @serve.deployment
@@ -62,12 +67,7 @@ class QueryEncoder:
                                  boundaries=LATENCY_BOUNDARIES_MS)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        wanted = _versions(user_config)
-        loaded = {v: self.models[v] for v in wanted if v in self.models}
-        for version, index_dir in wanted.items():
-            if version not in loaded:
-                loaded[version] = load_encoder_for(index_dir)
-        self.models = loaded
+        self.models = _reload(self.models, user_config, load_encoder_for)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, items: list[tuple[str, str]]) -> list[np.ndarray]:
@@ -109,14 +109,8 @@ class IndexShard:
         self.latency.set_default_tags({"shard": str(shard_id)})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from retrieval_platform.index.store import load_shard
-
-        wanted = _versions(user_config)
-        loaded = {v: self.shards[v] for v in wanted if v in self.shards}
-        for version, index_dir in wanted.items():
-            if version not in loaded:
-                loaded[version] = load_shard(index_dir, self.shard_id)
-        self.shards = loaded
+        self.shards = _reload(self.shards, user_config,
+                              lambda index_dir: load_shard(index_dir, self.shard_id))
 
     def search(self, version: str, xq: np.ndarray, k: int,
                filters: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -140,14 +134,7 @@ class LexicalIndex:
         self.indexes: dict[str, Any] = {}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from retrieval_platform.index.store import load_bm25
-
-        wanted = _versions(user_config)
-        loaded = {v: self.indexes[v] for v in wanted if v in self.indexes}
-        for version, index_dir in wanted.items():
-            if version not in loaded:
-                loaded[version] = load_bm25(index_dir)
-        self.indexes = loaded
+        self.indexes = _reload(self.indexes, user_config, load_bm25)
 
     def search(self, version: str, query: str, k: int,
                filters: dict[str, Any] | None) -> list[dict[str, Any]]:
