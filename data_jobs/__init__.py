@@ -1,0 +1,1 @@
+"""Job entry points that read and write data (thin: the logic is in retrieval_platform)."""

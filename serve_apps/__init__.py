@@ -1,0 +1,1 @@
+"""Ray Serve applications (built by retrieval_platform.serving.app)."""

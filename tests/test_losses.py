@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -158,3 +159,15 @@ def test_roar_prefers_the_right_order():
     wrong = roar_loss(torch.tensor([[0.0, 0.3, 0.6, 0.9]]), grades, valid, tau=0.05, beta=1.0,
                       gamma=0.5)
     assert right < wrong
+
+
+def test_accuracy_ignores_the_margin_rule():
+    """c1 outscores q's positive c0 (1.0 vs 0.6): the margin rule masks it, so the loss is
+    zero, but the query is still counted as a miss; a known duplicate is not."""
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    out = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.1, margin=0.1)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-6) and out.accuracy.item() == 0.0
+    dup = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.1, margin=0.1,
+                                  same_group=torch.tensor([[False, True]]))
+    assert dup.accuracy.item() == 1.0

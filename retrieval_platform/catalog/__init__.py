@@ -1,0 +1,1 @@
+"""The canonical catalog model, source readers, the generator, and preparation."""

@@ -1,0 +1,1 @@
+"""The Siamese dual encoder and its offline backbones."""

@@ -30,7 +30,9 @@ class ContrastiveLossOutput:
     loss: torch.Tensor  # scalar
     masked_fraction: torch.Tensor  # share of off-positive logits removed by the mask
     margin_masked_fraction: torch.Tensor  # share removed by the margin rule alone
-    accuracy: torch.Tensor  # share of queries whose positive scores highest among unmasked
+    # Share of queries whose positive outscores every candidate that is not a known duplicate
+    # or positive (the margin rule is left out: it masks whatever outscores the positive).
+    accuracy: torch.Tensor
 
 
 def masked_contrastive_loss(
@@ -63,13 +65,15 @@ def masked_contrastive_loss(
         margin_mask = (
             scores > pos_scores - margin if margin is not None else torch.zeros_like(own)
         )  # (B, N)
-        mask = margin_mask.clone()
+        known = torch.zeros_like(own)
         if same_group is not None:
-            mask |= same_group
+            known |= same_group
         if known_positive is not None:
-            mask |= known_positive
-        mask &= ~own
+            known |= known_positive
+        known &= ~own
         margin_mask &= ~own
+        mask = margin_mask | known
+        accuracy = (scores.masked_fill(known, float("-inf")).argmax(dim=1) == positive).float()
     logits = (scores / tau).masked_fill(mask, float("-inf"))  # (B, N)
     loss = F.cross_entropy(logits, positive)
     off_positive = max(B * (N - 1), 1)
@@ -77,5 +81,5 @@ def masked_contrastive_loss(
         loss=loss,
         masked_fraction=mask.sum() / off_positive,
         margin_masked_fraction=margin_mask.sum() / off_positive,
-        accuracy=(logits.argmax(dim=1) == positive).float().mean().detach(),
+        accuracy=accuracy.mean(),
     )

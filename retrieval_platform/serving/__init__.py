@@ -1,0 +1,1 @@
+"""The Ray Serve application: deployments, HTTP guard, builder, declarative control."""

@@ -11,7 +11,8 @@ MAX_K = 100
 
 
 class Filters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON 0 is not a bool and "5" is not a number; the API rejects what it documents
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     category: str | None = Field(None, max_length=256,
                                  description="category path prefix, e.g. 'Home > Kitchen'")
@@ -27,7 +28,7 @@ class Filters(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS,
                        description="the shopper's query")

@@ -1,0 +1,1 @@
+"""Both training stages on Ray Train: configuration, examples, the worker loop, launching."""

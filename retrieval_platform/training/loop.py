@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from retrieval_platform.errors import PlatformError
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss
 from retrieval_platform.training.config import TrainConfig
 
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 
@@ -186,6 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(TrainConfig, config["cfg"])
     _quiet_report_lines()
+    if not log.handlers:  # a Train worker has no logging set up; step lines go to its stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
@@ -263,10 +269,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics |= {"step": step, "epoch": epoch, "lr": lr,
                             "resumed_from_step": resumed_from,
                             "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                if rank == 0:
-                    print(f"[{cfg.stage}] step {step}/{cfg.optim.max_steps} "
-                          + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                     if k not in ("step",)), file=sys.stderr, flush=True)
+                if rank == 0:  # through logging: Ray Train tees print() into its log twice
+                    log.info("[%s] step %d/%d %s", cfg.stage, step, cfg.optim.max_steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
                 report(metrics, save)
                 window_start, window_samples = time.perf_counter(), 0
             if last:
