@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from retrieval_platform.errors import PlatformError
@@ -53,7 +56,7 @@ def ray_session() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or _live_recorded_cluster()
     try:
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     except ConnectionError as exc:
@@ -65,6 +68,28 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _live_recorded_cluster() -> str:
+    """The cluster ``ray start`` recorded on this machine if its GCS answers, else "local".
+
+    Ray's own auto-detection trusts the record and, when the machine rebooted or changed its
+    address since, retries the dead GCS for minutes; a two-second probe turns that into a
+    warning and a local Ray for this job."""
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    record = ray_tmp / "ray_current_cluster"
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
+        return "local"
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return recorded
+    except (OSError, ValueError):
+        log.warning("the Ray cluster recorded in %s (%s) does not answer: starting a local Ray "
+                    "for this job (`ray stop` clears the record)", record, recorded)
+        return "local"
 
 
 def run_job(name: str, body: Callable[[], object]) -> int:

@@ -62,3 +62,22 @@ def test_a_failing_job_fails_with_a_clear_message(jobs, tmp_path):
     logs = jobs.get_job_logs(job_id)
     assert "prepare_catalog: error:" in logs and "products.csv: file not found" in logs
     assert "Traceback" not in logs
+
+
+def test_a_stale_cluster_record_falls_back_to_a_local_ray(tmp_path, monkeypatch):
+    """`ray start` leaves /tmp/ray/ray_current_cluster behind; after a reboot it names a dead
+    GCS, which ray.init would retry for minutes. A job probes it and runs on a local Ray."""
+    import socket
+
+    from retrieval_platform.jobs import _live_recorded_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert _live_recorded_cluster() == "local"  # no record at all
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}\n")
+        assert _live_recorded_cluster() == f"127.0.0.1:{live.getsockname()[1]}"
+        dead_port = live.getsockname()[1]
+    record.write_text(f"127.0.0.1:{dead_port}")  # the server is closed: connection refused
+    assert _live_recorded_cluster() == "local"
