@@ -30,13 +30,36 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 class _DropExecutionBanners(logging.Filter):
-    """Ray Data prints three INFO lines per dataset execution (plan, start, sink); its progress
-    bars and progress logs already say what runs. Keep the progress, drop the banners."""
+    """Ray Data prints three INFO lines per dataset execution (plan, start, sink), and without a
+    terminal a seven-line progress block as soon as each dataset starts, then every 10 s. A job
+    that runs a dozen short datasets floods its log. Keep warnings and the periodic progress of
+    datasets that run long; drop the banners and each dataset's first (immediate) block."""
 
     NOISY_FILES = frozenset({"streaming_executor.py", "dataset.py", "__init__.py"})
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen_datasets: set[str] = set()
+        self._dropping_block = False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.filename not in self.NOISY_FILES
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.filename in self.NOISY_FILES:
+            return False
+        if record.filename != "logging_progress.py":
+            return True
+        message = record.getMessage()
+        if message.startswith("======= Running Dataset: "):
+            dataset = message.split()[3]
+            self._dropping_block = dataset not in self._seen_datasets
+            self._seen_datasets.add(dataset)
+            return not self._dropping_block
+        if self._dropping_block:
+            if message and set(message) == {"="}:  # the block's closing rule
+                self._dropping_block = False
+            return False
+        return True
 
 
 def quiet_ray_data() -> None:

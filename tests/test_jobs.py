@@ -81,3 +81,25 @@ def test_a_stale_cluster_record_falls_back_to_a_local_ray(tmp_path, monkeypatch)
         dead_port = live.getsockname()[1]
     record.write_text(f"127.0.0.1:{dead_port}")  # the server is closed: connection refused
     assert _live_recorded_cluster() == "local"
+
+
+def test_ray_data_progress_logs_only_for_long_datasets():
+    """A dataset's immediate progress block is dropped, its later (periodic) blocks kept."""
+    import logging
+
+    from retrieval_platform.jobs import _DropExecutionBanners
+
+    def record(message: str, filename: str = "logging_progress.py",
+               level: int = logging.INFO) -> logging.LogRecord:
+        rec = logging.LogRecord("ray.data", level, filename, 1, message, None, None)
+        rec.filename = filename
+        return rec
+
+    block = ["======= Running Dataset: ds_1 =======", "Total Progress: 0/?", "",
+             "MapBatches(f): 0/1", "=" * 38]
+    keep = _DropExecutionBanners()
+    assert [keep.filter(record(m)) for m in block] == [False] * 5  # first block: dropped
+    assert [keep.filter(record(m)) for m in block] == [True] * 5  # 10 s later: kept
+    assert not keep.filter(record("Execution plan: ...", "streaming_executor.py"))
+    assert keep.filter(record("out of memory", "streaming_executor.py", logging.WARNING))
+    assert keep.filter(record("a job's own line", "prepare.py"))

@@ -167,6 +167,7 @@ def test_openapi_fuzzing_finds_no_server_error(service):
     # fuzzed bodies can be kilobytes long: shorten each line so the finding itself stays visible
     report = "\n".join(line[:400] for line in run.stdout.splitlines())
     assert run.returncode == 0, report[-6000:] + run.stderr[-2000:]
+    print(report[report.rfind("Test cases:"):])  # counts, shown by `pytest -rP`
 
 
 def test_version_swap_under_load_drops_nothing(service, indexes, local, tmp_path):
