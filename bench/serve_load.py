@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--encoder", default='{"cpus": 0.5, "min_replicas": 1, "max_replicas": 2}',
+                        help="EncoderArgs as JSON (cpus, replicas, threads, batching)")
+    parser.add_argument("--shard-cpus", type=float, default=0.1)
     parser.add_argument("--json")
     args = parser.parse_args()
     local_ray()
@@ -96,8 +99,8 @@ def main() -> None:
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     apply(serve_config([app_config(AppArgs(index=str(index), lexical=False,
-                                           encoder={"cpus": 0.5, "min_replicas": 1,
-                                                    "max_replicas": 2}))], port=args.port))
+                                           encoder=json.loads(args.encoder),
+                                           shard_cpus=args.shard_cpus))], port=args.port))
     url = f"http://127.0.0.1:{args.port}"
     asyncio.run(over_http(url, load[:40], 4, args.k))  # warm-up
     http = {c: asyncio.run(over_http(url, load, c, args.k)) for c in args.concurrency}
@@ -107,7 +110,7 @@ def main() -> None:
              "qps_ratio_http_over_in_process": round(http[c]["qps"] / local[c]["qps"], 3)}
             for c in args.concurrency]
     out = {"products": args.products, "model": args.model, "requests": args.requests,
-           "cpus": os.cpu_count(), "rows": rows}
+           "cpus": os.cpu_count(), "encoder": json.loads(args.encoder), "rows": rows}
     print(json.dumps(out, indent=2))
     print("\n| concurrency | in-process QPS | p50 / p99 ms | HTTP QPS | p50 / p99 ms | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")

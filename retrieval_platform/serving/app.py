@@ -24,6 +24,8 @@ class EncoderArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="torch threads per replica (Ray sets "
+                                "one thread for a fractional CPU; more helps on idle cores)")
 
 
 class AppArgs(BaseModel):
@@ -44,6 +46,9 @@ class AppArgs(BaseModel):
     lexical_cpus: float = Field(0.1, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_cpus: float = Field(0.1, gt=0)
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="per ingress and shard replica (async: they wait on others); "
+                              "the encoder takes 2 x its batch size")
     api_key_env: str | None = Field(None, description="environment variable (on the cluster) "
                                     "holding the API key, read when the app is built")
     api_key_file: str | None = Field(None, description="file holding the API key (a mounted "
@@ -100,11 +105,14 @@ def build_app(args: AppArgs) -> Application:
     e = args.encoder
     encoder = QueryEncoder.options(
         name="QueryEncoder", user_config=loaded, ray_actor_options={"num_cpus": e.cpus},
+        # Serve's default of 5 ongoing requests would cap every batch at 5 queries.
+        max_ongoing_requests=2 * e.max_batch_size,
         autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
                             "target_ongoing_requests": e.target_ongoing_requests},
-    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision)
+    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision, e.threads)
     shards = [
         IndexShard.options(name=f"Shard_{i}", num_replicas=args.shard_replicas, user_config=loaded,
+                           max_ongoing_requests=args.max_ongoing_requests,
                            ray_actor_options={"num_cpus": args.shard_cpus}).bind(i)
         for i in range(len(manifest["shards"]))
     ]
@@ -113,6 +121,7 @@ def build_app(args: AppArgs) -> Application:
                if args.lexical else None)
     return Ingress.options(
         name="Ingress", num_replicas=args.ingress_replicas, user_config=active,
+        max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
     ).bind(encoder, shards, lexical, api_key=api_key, max_body_bytes=args.max_body_bytes,
            timeout_s=args.request_timeout_s)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -58,7 +59,9 @@ class QueryEncoder:
     """Encodes queries with the model of each loaded index version, batching concurrent ones."""
 
     def __init__(self, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
         self.models: dict[str, Any] = {}
         self.precision = precision
         self._encode_batch.set_max_batch_size(max_batch_size)
