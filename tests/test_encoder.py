@@ -120,6 +120,12 @@ def test_minilm_pools_by_mean():
     q, p = model.encode(["stainless kettle"], "query"), model.encode(
         ["Electric kettle, stainless steel", "Running shoes for men"], "product")
     assert (p @ q[0]).argmax() == 0  # a pretrained encoder already ranks sensibly
+    # bf16 autocast (the fast path for evaluation and serving) keeps the vectors
+    texts = ["Electric kettle, stainless steel, 1.7 L", "cordless drill 18v", "queen bed sheets"]
+    fp32 = model.encode(texts, "product")
+    bf16 = model.encode(texts, "product", precision="bf16")
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, rtol=1e-5)
+    assert (fp32 * bf16).sum(axis=1).min() >= 0.99
 
 
 def test_smollm2_converts_from_gguf_and_pools_last_token():

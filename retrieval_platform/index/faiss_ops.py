@@ -32,7 +32,7 @@ class IndexParams:
     ef_search: int = 64
     pq_m: int | None = None  # PQ sub-quantizers; default d/8 (must divide d)
     pq_nbits: int = 8
-    train_size: int = 100_000  # vectors sampled to train IVF / PQ
+    train_size: int = 100_000  # vectors sampled to train IVF / PQ (at least 39 per list)
     filter_exact_fraction: float = 0.2  # filters keeping less than this: exact search on subset
 
     def __post_init__(self) -> None:
@@ -63,8 +63,9 @@ def build_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Ind
         else:
             raise ValueError(f"unknown index kind {params.kind!r}")
         rng = np.random.default_rng(seed)
-        take = n <= params.train_size
-        sample = xb if take else xb[rng.choice(n, params.train_size, replace=False)]
+        # FAISS wants >= 39 training points per list: grow the sample for large nlist
+        size = max(params.train_size, 39 * nlist)
+        sample = xb if n <= size else xb[rng.choice(n, size, replace=False)]
         index.cp.seed = seed
         index.train(sample)
     index.add(xb)
