@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# An empty backbone/model cache per test session: a cache left on the machine (a converted
+# SmolLM2, say) must never stand in for what a fresh install builds.
+os.environ["RETRIEVAL_PLATFORM_CACHE"] = tempfile.mkdtemp(prefix="rp-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = Path(os.environ.get("HOMEDEPOT_DIR", REPO.parent / "shared" / "data" / "homedepot"))

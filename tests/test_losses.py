@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from retrieval_platform.losses import masked_contrastive_loss, roar_loss
+from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 
 
 def _two_queries():
@@ -21,7 +21,7 @@ def _two_queries():
 
 
 def test_contrastive_loss_without_masking():
-    """τ = 0.5, m = 0.1: nothing is masked (0.8 < 1 − 0.1 and 0.6 < 1 − 0.1).
+    """τ = 0.5, m = 0.1: nothing is masked (no candidate scores above its positive's 1 + 0.1).
     q0: z = [2, 1.6, 0] -> log(1 + e^−0.4 + e^−2) = log 1.805655 = 0.590920
     q1: z = [0, 1.2, 2] -> log(1 + e^−0.8 + e^−2) = log 1.584664 = 0.460375
     mean = 0.525648."""
@@ -29,25 +29,48 @@ def test_contrastive_loss_without_masking():
     out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.1)
     assert_close(out.loss, torch.tensor(0.525648), atol=1e-5, rtol=0)
     assert out.masked_fraction.item() == 0.0
+    assert_close(out[0], out.loss)  # the loss is the first item
 
 
-def test_margin_rule_masks_near_duplicates_of_the_positive():
-    """m = 0.3: for q0, 0.8 > 1 − 0.3, so c1 leaves q0's softmax:
-    q0: log(1 + e^−2) = 0.126928; q1 unchanged 0.460375; mean 0.293652; 1 of 4 logits masked."""
-    q, c, pos = _two_queries()
-    out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.3)
-    assert_close(out.loss, torch.tensor(0.293652), atol=1e-5, rtol=0)
-    assert_close(out.masked_fraction, torch.tensor(0.25))
-    assert_close(out.margin_masked_fraction, torch.tensor(0.25))
+def _one_query_margin_case():
+    """q = (1, 0); c0 = (0.8, 0.6) its positive (s = 0.8); c1 = (1, 0) scores 1.0, ABOVE
+    0.8 + 0.1; c2 = (0.75, 0.661438) scores 0.75, just BELOW the positive (a hard negative)."""
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[0.8, 0.6], [1.0, 0.0], [0.75, 0.6614378]], requires_grad=True)
+    return q, c, torch.tensor([0])
+
+
+def test_margin_rule_drops_candidates_above_the_positive_and_keeps_hard_negatives():
+    """τ = 0.5, m = 0.1: z = [1.6, 2.0, 1.5]; c1 (1.0 > 0.8 + 0.1) is a likely unlabelled
+    positive and leaves the softmax; c2 (0.75, within m below) stays:
+    L = log(1 + e^(1.5 − 1.6)) = log 1.904837 = 0.644397; 1 of 2 off-positive logits masked."""
+    q, c, pos = _one_query_margin_case()
+    out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.1)
+    assert_close(out.loss, torch.tensor(0.644397), atol=1e-5, rtol=0)
+    assert_close(out.masked_fraction, torch.tensor(0.5))
+    assert_close(out.margin_masked_fraction, torch.tensor(0.5))
+    out.loss.backward()
+    assert torch.equal(c.grad[1], torch.zeros(2))  # masked: no gradient
+    assert c.grad[2].abs().sum() > 0  # the hard negative below the positive is learned from
+    # A wider margin keeps c1 too (1.0 < 0.8 + 0.3): L = log(1 + e^0.4 + e^−0.1) = 1.222793.
+    wide = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.3)
+    assert_close(wide.loss, torch.tensor(1.222793), atol=1e-5, rtol=0)
+    assert wide.masked_fraction.item() == 0.0
 
 
 def test_catalog_and_label_rules_and_no_gradient_through_masked_logits():
-    """c1 is masked for q0 by the margin rule and for q1 by the catalog rule: it is in no
-    softmax, so it gets no gradient. q1: log(1 + e^−2) = 0.126928 -> mean 0.126928."""
+    """c1 is masked for q1 by the catalog rule: q0 keeps 0.590920 (above), q1 loses c1:
+    log(1 + e^−2) = 0.126928 -> mean 0.358924. c1 still gets gradient through q0."""
     q, c, pos = _two_queries()
     same_group = torch.tensor([[False, False, False], [False, True, False]])
-    out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.3, same_group=same_group)
-    assert_close(out.loss, torch.tensor(0.126928), atol=1e-5, rtol=0)
+    out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.1, same_group=same_group)
+    assert_close(out.loss, torch.tensor(0.358924), atol=1e-5, rtol=0)
+    assert_close(out.known_masked_fraction, torch.tensor(0.25))
+    # Masked for both queries: no gradient reaches c1.
+    q, c, pos = _two_queries()
+    both = torch.tensor([[False, True, False], [False, True, False]])
+    out = masked_contrastive_loss(q, c, pos, tau=0.5, margin=0.1, same_group=both)
+    assert_close(out.loss, torch.tensor((0.126928 + 0.126928) / 2), atol=1e-5, rtol=0)
     out.loss.backward()
     assert torch.equal(c.grad[1], torch.zeros(2))
     assert c.grad[0].abs().sum() > 0
@@ -56,6 +79,19 @@ def test_catalog_and_label_rules_and_no_gradient_through_masked_logits():
     known = torch.tensor([[True, True, False], [False, True, True]])
     out2 = masked_contrastive_loss(q, c, pos, tau=0.5, margin=None, known_positive=known)
     assert_close(out2.loss, out.loss)
+
+
+def test_scores_are_float32_under_bf16_autocast():
+    """The hard negative 0.005 below the positive survives bf16 autocast (bf16 rounds both to
+    the same value near 0.9 and would give log 2 = 0.693)."""
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.nn.functional.normalize(torch.tensor([[0.9, 0.43589], [0.895, 0.44605]]), dim=1)
+    s = (q @ c.T)[0]
+    expected = torch.log1p(torch.exp((s[1] - s[0]) / 0.02))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.02, margin=0.1)
+    assert out.loss.dtype == torch.float32
+    assert_close(out.loss, expected, atol=1e-4, rtol=0)
 
 
 def test_contrastive_gradients_finite_at_low_temperature():
@@ -72,60 +108,91 @@ def _scores_for(probs: list[float], tau: float = 1.0) -> torch.Tensor:
     return torch.log(torch.tensor(probs)) * tau
 
 
+def _all(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(x, dtype=torch.bool)
+
+
 def test_roar_three_groups_by_hand():
-    """p = [0.4, 0.2 | 0.3 | 0.1], grades [3, 3 | 2 | 1], τ = 1, β = 1, γ = 0.5.
+    """p = [0.4, 0.2 | 0.3 | 0.1], grades [3, 3 | 2 | 1], τ_a = 1, γ = 0.5.
     P̂ = [0.3, 0.3, 0.1]; ℓ = [log(3/7), log(3/7), log(1/9)].
     term 1 = −log σ(0 − 0.5) = log(1 + e^0.5) = 0.974077
     term 2 = −log σ(log(27/7) − 0.5) = log(1 + (7/27) e^0.5) = 0.355888
-    loss = (0.974077 + 0.355888) / 2 = 0.664983."""
+    C = 2: L_align = (0.974077 + 0.355888) / 2 = 0.664983.  With γ = 0 (the paper):
+    term 1 = log 2 = 0.693147, term 2 = log(1 + 7/27) = 0.230524 -> 0.461836."""
     scores = _scores_for([0.4, 0.2, 0.3, 0.1]).unsqueeze(0)
     grades = torch.tensor([[3.0, 3.0, 2.0, 1.0]])
-    valid = torch.ones_like(grades, dtype=torch.bool)
-    loss = roar_loss(scores, grades, valid, tau=1.0, beta=1.0, gamma=0.5)
+    loss = roar_loss(scores, grades, _all(grades), tau=1.0, gamma=0.5)
     assert_close(loss, torch.tensor(0.664983), atol=1e-5, rtol=0)
-    # Explicit weights pick single terms.
-    first = roar_loss(scores, grades, valid, tau=1.0, beta=1.0, gamma=0.5,
-                      group_weights=torch.tensor([[1.0, 0.0]]))
-    assert_close(first, torch.tensor(math.log(1 + math.exp(0.5))), atol=1e-5, rtol=0)
+    paper = roar_loss(scores, grades, _all(grades), tau=1.0)
+    assert_close(paper, torch.tensor(0.461836), atol=1e-5, rtol=0)
 
 
-def test_roar_reduces_to_bradley_terry_for_singletons_among_many():
-    """One product a (grade 3) and one b (grade 2) among 2000 irrelevant ones: p_a, p_b are
-    small, so ℓ_a − ℓ_b ≈ (s_a − s_b)/τ and the a–b term is −log σ(β (s_a − s_b)/τ − γ)."""
-    tau, beta, gamma = 0.05, 1.0, 0.5
-    s_a, s_b = 0.30, 0.25
-    scores = torch.cat([torch.tensor([s_a, s_b]), torch.full((2000,), 0.2)]).unsqueeze(0)
-    grades = torch.cat([torch.tensor([3.0, 2.0]), torch.zeros(2000)]).unsqueeze(0)
-    valid = torch.ones_like(grades, dtype=torch.bool)
-    term_ab = roar_loss(scores, grades, valid, tau=tau, beta=beta, gamma=gamma,
-                        group_weights=torch.tensor([[1.0, 0.0]]))
-    bt = -torch.nn.functional.logsigmoid(torch.tensor(beta * (s_a - s_b) / tau - gamma))
-    assert_close(term_ab, bt, atol=2e-3, rtol=0)
+def test_roar_averages_over_all_adjacent_pairs_of_the_batch():
+    """Row 0 as above (2 pairs: 0.693147, 0.230524 at γ = 0); row 1: p = [0.5 | 0.5] with
+    grades [2 | 1] over a 4-wide row whose last two entries are padding (not present):
+    ℓ equal, term = log 2. C = 3: (0.693147 + 0.230524 + 0.693147) / 3 = 0.538939
+    (a mean of per-query means would give 0.577), not (0.461836 + 0.693147) / 2."""
+    scores = torch.stack([_scores_for([0.4, 0.2, 0.3, 0.1]),
+                          torch.tensor([0.3, 0.3, 0.9, -0.2])])
+    grades = torch.tensor([[3.0, 3.0, 2.0, 1.0], [2.0, 1.0, 0.0, 0.0]])
+    graded = torch.tensor([[True] * 4, [True, True, False, False]])
+    present = torch.tensor([[True] * 4, [True, True, False, False]])
+    loss = roar_loss(scores, grades, graded, tau=1.0, present=present)
+    assert_close(loss, torch.tensor(0.538939), atol=1e-5, rtol=0)
+
+
+def test_roar_softmax_runs_over_the_whole_row():
+    """p = [0.4 (grade 3), 0.1 (grade 1), 0.5 (another query's candidate)], τ_a = 1, γ = 0.
+    Whole row: ℓ = [log(0.4/0.6), log(0.1/0.9)], Δ = log 6, L = log(1 + 1/6) = 0.154151.
+    Without the third entry (not present): p = [0.8, 0.2], Δ = log 16, L = log(17/16)."""
+    scores = _scores_for([0.4, 0.1, 0.5]).unsqueeze(0)
+    grades = torch.tensor([[3.0, 1.0, 0.0]])
+    graded = torch.tensor([[True, True, False]])
+    whole = roar_loss(scores, grades, graded, tau=1.0)
+    assert_close(whole, torch.tensor(math.log(7 / 6)), atol=1e-5, rtol=0)
+    own_only = roar_loss(scores, grades, graded, tau=1.0, present=graded)
+    assert_close(own_only, torch.tensor(math.log(17 / 16)), atol=1e-5, rtol=0)
+
+
+def test_roar_reduces_to_bradley_terry_for_single_product_groups():
+    """One product a (grade 3) and one b (grade 2) among 20,000 ungraded ones, τ_a = 0.01:
+    p_a, p_b are small, the normaliser cancels, ℓ_a − ℓ_b ≈ (s_a − s_b)/τ_a, and L_align is
+    the Bradley–Terry loss −log σ(r_a − r_b − γ) on rewards r = s/τ_a."""
+    tau = 0.01
+    s_a, s_b = 0.23, 0.21
+    scores = torch.cat([torch.tensor([s_a, s_b]), torch.full((20000,), 0.2)]).unsqueeze(0)
+    grades = torch.cat([torch.tensor([3.0, 2.0]), torch.zeros(20000)]).unsqueeze(0)
+    graded = torch.zeros_like(grades, dtype=torch.bool)
+    graded[0, :2] = True
+    for gamma in (0.0, 0.5):
+        loss = roar_loss(scores, grades, graded, tau=tau, gamma=gamma)
+        bt = -torch.nn.functional.logsigmoid(torch.tensor((s_a - s_b) / tau - gamma))
+        assert_close(loss, bt, atol=1e-3, rtol=0)
 
 
 def test_roar_is_invariant_to_order_inside_a_group_and_to_padding():
     torch.manual_seed(0)
     scores = torch.rand(1, 6) * 2 - 1
     grades = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]])
-    valid = torch.ones_like(grades, dtype=torch.bool)
-    base = roar_loss(scores, grades, valid, tau=0.05, beta=1.0, gamma=0.5)
+    graded = _all(grades)
+    base = roar_loss(scores, grades, graded, tau=0.05, gamma=0.5)
     perm = torch.tensor([5, 4, 0, 3, 1, 2])
-    assert_close(roar_loss(scores[:, perm], grades[:, perm], valid, tau=0.05, beta=1.0,
-                           gamma=0.5), base)
+    assert_close(roar_loss(scores[:, perm], grades[:, perm], graded, tau=0.05, gamma=0.5), base)
+    pad = torch.tensor([[False, False]])
     padded = roar_loss(torch.cat([scores, torch.tensor([[0.9, -0.3]])], 1),
                        torch.cat([grades, torch.tensor([[5.0, 0.0]])], 1),
-                       torch.cat([valid, torch.tensor([[False, False]])], 1),
-                       tau=0.05, beta=1.0, gamma=0.5)
+                       torch.cat([graded, pad], 1), tau=0.05, gamma=0.5,
+                       present=torch.cat([graded, pad], 1))
     assert_close(padded, base)
 
 
 def test_roar_empty_groups_and_single_group_queries_add_nothing():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.4, 0.3], [0.2, 0.1, 0.0]])
     grades = torch.tensor([[3.0, 1.0, 1.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]])
-    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
-    only_first = roar_loss(scores[:1], grades[:1], valid[:1], tau=0.1, beta=1.0, gamma=0.5)
+    graded = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    only_first = roar_loss(scores[:1], grades[:1], graded[:1], tau=0.1, gamma=0.5)
     # Rows 2 and 3 have one group each; grade 2 and 9 are empty groups for row 1.
-    all_rows = roar_loss(scores, grades, valid, tau=0.1, beta=1.0, gamma=0.5)
+    all_rows = roar_loss(scores, grades, graded, tau=0.1, gamma=0.5)
     assert_close(all_rows, only_first)
     # Row 1's one pair spans grades 3 -> 1: margin γ·2 (the empty grade-2 group is skipped).
     p = torch.softmax(scores[0] / 0.1, 0)
@@ -133,9 +200,9 @@ def test_roar_empty_groups_and_single_group_queries_add_nothing():
     expected = -torch.nn.functional.logsigmoid(
         torch.tensor(ell(p[0].item()) - ell((p[1].item() + p[2].item()) / 2) - 0.5 * 2))
     assert_close(only_first, expected, atol=1e-5, rtol=1e-5)
-    # A batch with no pair at all: zero, and backward still works.
+    # A batch with no pair at all (C = 0): zero, and backward still works.
     s = scores[1:].clone().requires_grad_()
-    zero = roar_loss(s, grades[1:], valid[1:], tau=0.1, beta=1.0, gamma=0.5)
+    zero = roar_loss(s, grades[1:], graded[1:], tau=0.1, gamma=0.5)
     zero.backward()
     assert zero.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
 
@@ -143,8 +210,7 @@ def test_roar_empty_groups_and_single_group_queries_add_nothing():
 def test_roar_gradients_finite_at_low_temperature_and_saturated_scores():
     scores = torch.tensor([[1.0, -1.0, -1.0, 1.0], [-1.0, 1.0, 1.0, -1.0]], requires_grad=True)
     grades = torch.tensor([[3.0, 2.0, 0.0, 0.0], [3.0, 3.0, 1.0, 0.0]])
-    valid = torch.ones_like(grades, dtype=torch.bool)
-    loss = roar_loss(scores, grades, valid, tau=0.01, beta=1.0, gamma=0.5)
+    loss = roar_loss(scores, grades, _all(grades), tau=0.01, gamma=0.5)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(scores.grad).all()
     assert scores.grad.abs().sum() > 0
@@ -153,12 +219,14 @@ def test_roar_gradients_finite_at_low_temperature_and_saturated_scores():
 def test_roar_prefers_the_right_order():
     """Lower loss when the scores follow the grades than when they invert them."""
     grades = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    valid = torch.ones_like(grades, dtype=torch.bool)
-    right = roar_loss(torch.tensor([[0.9, 0.6, 0.3, 0.0]]), grades, valid, tau=0.05, beta=1.0,
-                      gamma=0.5)
-    wrong = roar_loss(torch.tensor([[0.0, 0.3, 0.6, 0.9]]), grades, valid, tau=0.05, beta=1.0,
-                      gamma=0.5)
+    right = roar_loss(torch.tensor([[0.9, 0.6, 0.3, 0.0]]), grades, _all(grades), tau=0.01)
+    wrong = roar_loss(torch.tensor([[0.0, 0.3, 0.6, 0.9]]), grades, _all(grades), tau=0.01)
     assert right < wrong
+
+
+def test_stage2_objective_is_contrastive_plus_beta_align():
+    assert_close(roar_objective(torch.tensor(0.5), torch.tensor(2.0), beta=0.1),
+                 torch.tensor(0.7))
 
 
 def test_accuracy_ignores_the_margin_rule():

@@ -17,7 +17,12 @@ from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_mo
 from retrieval_platform.evaluation import EvaluateConfig, evaluate
 from retrieval_platform.mining import MineConfig, mine_negatives
 from retrieval_platform.training.config import TrainConfig
-from retrieval_platform.training.examples import contrastive_examples, key64, roar_examples
+from retrieval_platform.training.examples import (
+    contrastive_examples,
+    key64,
+    roar_examples,
+    sample_negatives,
+)
 from retrieval_platform.training.loop import contrastive_step
 from retrieval_platform.training.trainer import train
 
@@ -60,7 +65,7 @@ def _changed(a: dict, b: dict) -> bool:
 
 def test_mining_keeps_positives_and_variants_out(prepared, tmp_path):
     stats = mine_negatives(from_dict(MineConfig, {
-        "prepared_dir": str(prepared), "model": "tiny", "depth": 30, "keep": 5,
+        "prepared_dir": str(prepared), "model": "tiny", "depth": 30, "keep": 5, "skip_top": 2,
         "output_path": str(tmp_path / "neg.parquet"), **SMALL}))
     assert stats["queries"] > 0 and stats["negatives"] > 0
     import pyarrow.parquet as pq
@@ -74,13 +79,20 @@ def test_mining_keeps_positives_and_variants_out(prepared, tmp_path):
     for row in negatives:
         pos = {j["product_id"] for j in judged
                if j["query_id"] == row["query_id"] and j["grade"] >= ds.scale.positive_threshold}
-        assert not pos & set(row["negative_ids"])
+        above_lowest = {j["product_id"] for j in judged
+                        if j["query_id"] == row["query_id"] and j["grade"] > ds.scale.min_grade}
+        assert not above_lowest & set(row["negative_ids"])
         assert not {group[p] for p in pos} & {group[n] for n in row["negative_ids"]}
         assert len(row["negative_ids"]) <= 5
         assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
     examples = contrastive_examples(ds, hard_negatives=3,
                                     negatives_path=str(tmp_path / "neg.parquet"))
-    assert all(len(n) == 3 for n in examples["neg_texts"].to_pylist())
+    assert all(len(n) >= 3 for n in examples["neg_pool_texts"].to_pylist())
+    # The loop draws 3 of each pool, afresh each epoch.
+    first = sample_negatives(examples.slice(0, 8).to_pydict(), 3, np.random.default_rng(0))
+    again = sample_negatives(examples.slice(0, 8).to_pydict(), 3, np.random.default_rng(1))
+    assert all(len(n) == 3 for n in first["neg_texts"])
+    assert first["neg_keys"] != again["neg_keys"]
 
 
 def test_stage1_mask_excludes_variant_group_duplicates(prepared):
@@ -128,7 +140,7 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     s2_weights = _weights(s2.model_dir)
     for k in s2_weights:
         torch.testing.assert_close(s2_weights[k], s1_weights[k], atol=1e-6, rtol=0)
-    assert "roar_loss" in s2.metrics and "contrastive_loss" in s2.metrics
+    assert "align_loss" in s2.metrics and "contrastive_loss" in s2.metrics
 
     report = evaluate(from_dict(EvaluateConfig, {
         "prepared_dir": str(prepared), "split": "dev",

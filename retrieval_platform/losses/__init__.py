@@ -4,6 +4,6 @@ from retrieval_platform.losses.masked_contrastive import (
     ContrastiveLossOutput,
     masked_contrastive_loss,
 )
-from retrieval_platform.losses.roar import roar_loss
+from retrieval_platform.losses.roar import roar_loss, roar_objective
 
-__all__ = ["ContrastiveLossOutput", "masked_contrastive_loss", "roar_loss"]
+__all__ = ["ContrastiveLossOutput", "masked_contrastive_loss", "roar_loss", "roar_objective"]

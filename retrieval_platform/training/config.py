@@ -20,10 +20,13 @@ class DataConfig:
     prepared_dir: str = "runs/data/synthetic"
     split: str = "train"
     negatives_path: str | None = None  # Parquet from data_jobs.mine_negatives
-    hard_negatives: int = 0  # H per stage-1 pair (random products fill missing ones)
+    hard_negatives: int = 0  # H per stage-1 pair, drawn from the mined pool every epoch
     max_pairs_per_query: int | None = None
+    positive_threshold: float | None = None  # stage-1 positives: grade >= this (None: scale's)
     max_candidates: int = 16  # stage 2: graded candidates per query
-    mined_per_query: int = 0  # stage 2: mined negatives (only if unlabelled means irrelevant)
+    # stage 2: mined products per query; in the batch's candidates without a grade (the lowest
+    # group only where the grade scale says unlabelled means irrelevant)
+    mined_per_query: int = 0
 
 
 @dataclass
@@ -43,17 +46,17 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    tau: float = 0.05  # τ, Eq. 1 and 4
-    margin: float | None = 0.1  # m of the margin rule, Eq. 2 (null disables it)
+    tau: float = 0.02  # τ, Eq. 1 (paper: 0.02)
+    margin: float | None = 0.1  # m of the margin rule, Eq. 2 (paper: 0.1; null disables it)
     catalog_rule: bool = True  # Eq. 2: mask variant-group duplicates of the positive
     label_rule: bool = True  # Eq. 2: mask labelled positives of the query
-    beta: float = 1.0  # β, Eq. 6
-    gamma: float = 0.5  # γ, Eq. 6
-    lam: float = 0.1  # λ, Eq. 7
+    tau_align: float = 0.01  # τ_a, Eq. 4 (paper: 0.01)
+    gamma: float = 0.0  # γ, Eq. 6: margin per grade step (paper: 0)
+    beta: float = 0.1  # β, Eq. 7: weight of L_align next to L₁ (paper: 0.1)
 
     def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ValueError("tau must be > 0")
+        if self.tau <= 0 or self.tau_align <= 0:
+            raise ValueError("tau and tau_align must be > 0")
 
 
 @dataclass

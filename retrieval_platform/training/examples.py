@@ -1,12 +1,14 @@
 """Training examples from a prepared dataset (and optionally mined hard negatives).
 
 Stage 1 (contrastive): one row per (query, positive) pair, positive = grade at or above the
-dataset's positive threshold (substitute-or-better), with H hard negatives, and the keys the
-mask needs (METHOD.md Eq. 2): the variant group of every candidate and the query's labelled
-positives.
+dataset's positive threshold (substitute-or-better), with a pool of hard negatives that the loop
+samples from every epoch, and the keys the mask needs (METHOD.md Eq. 2): the variant group of
+every candidate and the query's labelled positives.
 
 Stage 2 (ROAR): one row per query with its graded candidates (variable count and number of
-grade groups; padded and masked in the batch), plus one top-group pair for Eq. 7's λ·L₁ term.
+grade groups), the index of its top-grade product (Eq. 7's L₁ positive), and optionally mined
+products that join the batch's candidates without a grade (unless the scale says unlabelled
+means irrelevant: then they are the lowest group).
 
 Products are referred to by 64-bit keys (hashes of ids and group ids), so that candidate sets
 can be all-gathered across workers as tensors.
@@ -70,21 +72,27 @@ def contrastive_examples(
     hard_negatives: int = 0,
     negatives_path: str | None = None,
     max_pairs_per_query: int | None = None,
+    positive_threshold: float | None = None,
     seed: int = 0,
 ) -> pa.Table:
-    """Stage-1 pairs, shuffled with ``seed``. Queries with fewer mined negatives than asked get
-    random catalog products instead, so that every row has exactly ``hard_negatives``."""
+    """Stage-1 pairs, shuffled with ``seed``: one row per (query, positive), positive = a judged
+    product at or above ``positive_threshold`` (default: the scale's substitute-or-better).
+
+    Each row carries a *pool* of negatives (``neg_pool_*``) from which the training loop samples
+    ``hard_negatives`` afresh every epoch: the query's mined negatives minus every judged product
+    above the scale's lowest grade and every variant of a positive (the miner's rules, applied
+    again here in case the file came from elsewhere); where the pool is short of
+    ``hard_negatives``, random catalog products fill it. With ``hard_negatives: 0`` the pool is
+    empty and the batch's other positives are the only negatives (plain in-batch InfoNCE)."""
     cat = _Catalog(ds, seed)
     scale = ds.scale
+    threshold = scale.positive_threshold if positive_threshold is None else positive_threshold
     queries = ds.queries(split, ["query_id", "text"])
     qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
-    judgments = ds.judgments(split, ["query_id", "product_id", "grade"])
-    positives: dict[str, list[str]] = defaultdict(list)
-    for q, p, g in zip(*(judgments[c].to_pylist() for c in ("query_id", "product_id", "grade")),
-                       strict=True):
-        if g >= scale.positive_threshold:
-            positives[q].append(p)
-    mined = read_negatives(negatives_path)
+    judged = ds.qrels(split)
+    positives = {q: [p for p, g in j.items() if g >= threshold] for q, j in judged.items()}
+    positives = {q: ps for q, ps in positives.items() if ps}
+    mined = read_negatives(negatives_path) if hard_negatives else {}
 
     rows: dict[str, list] = defaultdict(list)
     for qid in sorted(positives):
@@ -92,26 +100,45 @@ def contrastive_examples(
         if max_pairs_per_query and len(pos) > max_pairs_per_query:
             pos = [pos[i] for i in sorted(cat.rng.choice(len(pos), max_pairs_per_query,
                                                          replace=False))]
+        not_negative = {p for p, g in judged[qid].items() if g > scale.min_grade}
         pos_groups = {cat.group[p] for p in positives[qid]}
+        pool = [n for n in mined.get(qid, [])
+                if n not in not_negative and cat.group.get(n) not in pos_groups]
+        while len(pool) < hard_negatives:  # random products fill a short pool
+            pool += [n for n in cat.random(hard_negatives - len(pool))
+                     if n not in not_negative and cat.group[n] not in pos_groups]
         for p in pos:
-            negs = [n for n in mined.get(qid, []) if n not in positives[qid]][:hard_negatives]
-            while len(negs) < hard_negatives:  # random negatives fill the gap
-                negs += [n for n in cat.random(hard_negatives - len(negs))
-                         if n not in positives[qid] and cat.group[n] not in pos_groups]
             rows["query_id"].append(qid)
             rows["query_text"].append(qtext[qid])
             rows["pos_text"].append(cat.text[p])
             rows["pos_key"].append(key64(p))
             rows["pos_group_key"].append(key64(cat.group[p]))
             rows["query_pos_keys"].append([key64(x) for x in positives[qid]])
-            rows["neg_texts"].append([cat.text[n] for n in negs])
-            rows["neg_keys"].append([key64(n) for n in negs])
-            rows["neg_group_keys"].append([key64(cat.group[n]) for n in negs])
+            rows["neg_pool_texts"].append([cat.text[n] for n in pool])
+            rows["neg_pool_keys"].append([key64(n) for n in pool])
+            rows["neg_pool_group_keys"].append([key64(cat.group[n]) for n in pool])
     if not rows:
         raise PlatformError(f"{ds.path}: no {split} query has a positive (grade >= "
-                            f"{scale.positive_threshold}); nothing to train stage 1 on")
+                            f"{threshold}); nothing to train stage 1 on")
     table = pa.table(rows)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+def sample_negatives(batch: dict[str, list], hard_negatives: int,
+                     rng: np.random.Generator) -> dict[str, list]:
+    """``hard_negatives`` of each row's pool, drawn without replacement (a fresh draw each
+    epoch, since the caller seeds ``rng`` by epoch and step): adds ``neg_texts``, ``neg_keys``
+    and ``neg_group_keys``."""
+    out = dict(batch)
+    texts, keys, groups = [], [], []
+    for pool_t, pool_k, pool_g in zip(batch["neg_pool_texts"], batch["neg_pool_keys"],
+                                      batch["neg_pool_group_keys"], strict=True):
+        pick = rng.choice(len(pool_t), size=min(hard_negatives, len(pool_t)), replace=False)
+        texts.append([pool_t[i] for i in pick])
+        keys.append([pool_k[i] for i in pick])
+        groups.append([pool_g[i] for i in pick])
+    out["neg_texts"], out["neg_keys"], out["neg_group_keys"] = texts, keys, groups
+    return out
 
 
 def roar_examples(
@@ -131,19 +158,19 @@ def roar_examples(
     scale = ds.scale
     queries = ds.queries(split, ["query_id", "text"])
     qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
-    judgments = ds.judgments(split, ["query_id", "product_id", "grade"])
-    judged: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    for q, p, g in zip(*(judgments[c].to_pylist() for c in ("query_id", "product_id", "grade")),
-                       strict=True):
-        judged[q].append((p, g))
-    mined = read_negatives(negatives_path) if scale.unlabelled_is_irrelevant else {}
+    judged = {q: list(j.items()) for q, j in ds.qrels(split).items()}
+    mined = read_negatives(negatives_path) if mined_per_query else {}
 
     rows: dict[str, list] = defaultdict(list)
     for qid in sorted(judged):
         cands = list(judged[qid])
         seen = {p for p, _ in cands}
-        cands += [(n, scale.min_grade) for n in mined.get(qid, [])[:mined_per_query]
-                  if n not in seen]
+        pos_groups = {cat.group[p] for p, g in cands if g >= scale.positive_threshold}
+        extra = [n for n in mined.get(qid, []) if n not in seen
+                 and cat.group.get(n) not in pos_groups][:mined_per_query]
+        if scale.unlabelled_is_irrelevant:  # mined products join the lowest grade group
+            cands += [(n, scale.min_grade) for n in extra]
+            extra = []
         if len({g for _, g in cands}) < 2:
             continue
         if len(cands) > max_candidates:
@@ -158,6 +185,10 @@ def roar_examples(
         rows["cand_group_keys"].append([key64(cat.group[p]) for p, _ in cands])
         rows["query_pos_keys"].append([key64(p) for p, g in judged[qid]
                                        if g >= scale.positive_threshold])
+        # Mined, unjudged products: in the query's softmax row and L₁'s denominator, in no group.
+        rows["extra_texts"].append([cat.text[n] for n in extra])
+        rows["extra_keys"].append([key64(n) for n in extra])
+        rows["extra_group_keys"].append([key64(cat.group[n]) for n in extra])
         # Eq. 7's λ·L₁ pair: the first top-group product, when it is a positive at all.
         rows["top_index"].append(0 if top_grade >= scale.positive_threshold else -1)
     if not rows:

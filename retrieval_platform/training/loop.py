@@ -1,8 +1,10 @@
 """The per-worker training loop of both stages (runs inside Ray Train's TorchTrainer).
 
-Stage 1 loss: Eq. 1–3 with candidates all-gathered across workers (gradients kept for the local
-part). Stage 2 loss: Eq. 7 = ROAR (Eq. 4–6) + λ · L₁ on each query's top-group pair, the L₁
-candidates being the worker's own batch.
+Both stages compute their loss on the global batch: every worker all-gathers the queries and
+candidates of all workers (its own slice keeps its gradient) and evaluates the whole batch's
+loss, so the gradient DDP averages is that of one batch of world × B examples.
+Stage 1: Eq. 1–3. Stage 2: Eq. 7 = L₁ + β · L_align (Eq. 4–6), ROAR's softmax over every
+candidate of the batch.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch.distributed as dist
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.losses import masked_contrastive_loss, roar_loss
+from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.examples import sample_negatives
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -33,17 +36,28 @@ MODEL_DIR = "model"
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0; the local slice keeps its gradient, the others are constants."""
+    """All-gather along dim 0 (sizes may differ between workers); the local slice keeps its
+    gradient, the others are constants. Every worker so holds the whole global batch."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    parts = [p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)]
     parts[dist.get_rank()] = x
     return torch.cat(parts)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _padded(rows: list[list[int]], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,77 +70,134 @@ def _padded(rows: list[list[int]], fill: int = 0) -> tuple[torch.Tensor, torch.T
     return values, valid
 
 
-def _known_positive(cand_keys: torch.Tensor, query_pos_keys: list[list[int]]) -> torch.Tensor:
-    """(B, N): candidate j is a labelled positive of query i (METHOD.md Eq. 2, label rule)."""
-    keys, valid = _padded(query_pos_keys)  # (B, P)
-    hit = cand_keys[None, :, None] == keys[:, None, :]  # (B, N, P)
-    return (hit & valid[:, None, :]).any(-1)  # (B, N)
+def _gather_rows(rows: list[list[int]]) -> torch.Tensor:
+    """Every worker's per-query key lists, as one padded (B_all, P) tensor (−1 = padding)."""
+    values, valid = _padded(rows)
+    values = values.masked_fill(~valid, -1)
+    _, world = _world()
+    if world > 1:  # widths differ between workers: pad to the widest first
+        width = torch.tensor([values.shape[1]])
+        widths = [torch.zeros_like(width) for _ in range(world)]
+        dist.all_gather(widths, width)
+        widest = int(max(w.item() for w in widths))
+        values = torch.nn.functional.pad(values, (0, widest - values.shape[1]), value=-1)
+    return gather_with_grad(values)
+
+
+def _known_positive(cand_keys: torch.Tensor, pos_keys: torch.Tensor) -> torch.Tensor:
+    """(B, N): candidate j is a labelled positive of query i (METHOD.md Eq. 2, label rule);
+    ``pos_keys`` (B, P) padded with −1."""
+    hit = cand_keys[None, :, None] == pos_keys[:, None, :]  # (B, N, P)
+    return (hit & (pos_keys[:, None, :] != -1)).any(-1)  # (B, N)
+
+
+def _masked_l1(q: torch.Tensor, c: torch.Tensor, positive: torch.Tensor,
+               cand_keys: torch.Tensor, cand_groups: torch.Tensor, pos_keys: torch.Tensor,
+               cfg: TrainConfig):
+    """Eq. 1–3 with the catalog and label rules built from keys (all tensors global)."""
+    same_group = (cand_groups[None, :] == cand_groups[positive][:, None]  # (B, N)
+                  if cfg.loss.catalog_rule else None)
+    known = _known_positive(cand_keys, pos_keys) if cfg.loss.label_rule else None
+    return masked_contrastive_loss(q, c, positive, tau=cfg.loss.tau, margin=cfg.loss.margin,
+                                   same_group=same_group, known_positive=known)
 
 
 def contrastive_step(model: DualEncoder, forward: Any, batch: dict[str, list],
                      cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 1–3 on one batch of pairs; candidates = all positives and negatives of all workers."""
+    """Eq. 1–3 on the global batch: every worker gathers all queries and all candidates (its own
+    with gradients) and computes the loss of the whole batch, so that the gradient that DDP
+    averages is that of one batch of world × B pairs (scaled back by the world size)."""
+    _, world = _world()
     B = len(batch["query_text"])
-    H = len(batch["neg_texts"][0]) if batch["neg_texts"] else 0
     texts = list(batch["pos_text"]) + [t for negs in batch["neg_texts"] for t in negs]
-    q = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (B, D)
-    c_local = forward(**model.tokenize(texts, "product"))  # (B(1+H), D)
+    q_local = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (B, D)
+    c_local = forward(**model.tokenize(texts, "product"))  # (B + ΣH, D)
     keys = torch.tensor(list(batch["pos_key"]) + [k for ks in batch["neg_keys"] for k in ks])
     groups = torch.tensor(list(batch["pos_group_key"])
                           + [k for ks in batch["neg_group_keys"] for k in ks])
-    c = gather_with_grad(c_local)  # (N, D), N = world·B(1+H)
+    offset = torch.tensor([c_local.shape[0]])
+    q = gather_with_grad(q_local)  # (B_all, D)
+    c = gather_with_grad(c_local)  # (N, D)
     all_keys = gather_with_grad(keys)  # (N,)
     all_groups = gather_with_grad(groups)  # (N,)
-    positive = _rank() * B * (1 + H) + torch.arange(B)  # (B,) own positives in c
-    pos_groups = torch.tensor(batch["pos_group_key"])  # (B,)
-    same_group = (all_groups[None, :] == pos_groups[:, None]) if cfg.loss.catalog_rule else None
-    known = _known_positive(all_keys, batch["query_pos_keys"]) if cfg.loss.label_rule else None
-    out = masked_contrastive_loss(q, c, positive, tau=cfg.loss.tau, margin=cfg.loss.margin,
-                                  same_group=same_group, known_positive=known)
-    return out.loss, {"loss": out.loss.item(), "masked_fraction": out.masked_fraction.item(),
-                      "margin_masked_fraction": out.margin_masked_fraction.item(),
-                      "in_batch_accuracy": out.accuracy.item()}
+    starts = torch.cumsum(gather_with_grad(offset), 0) - gather_with_grad(offset)  # (world,)
+    sizes = gather_with_grad(torch.tensor([B]))  # (world,)
+    positive = torch.cat([starts[r] + torch.arange(int(sizes[r])) for r in range(world)])
+    pos_keys = _gather_rows(list(batch["query_pos_keys"]))  # (B_all, P)
+    out = _masked_l1(q, c, positive, all_keys, all_groups, pos_keys, cfg)
+    return out.loss * world, {
+        "loss": out.loss.item(), "masked_fraction": out.masked_fraction.item(),
+        "margin_masked_fraction": out.margin_masked_fraction.item(),
+        "known_masked_fraction": out.known_masked_fraction.item(),
+        "in_batch_accuracy": out.accuracy.item(), "candidates": float(c.shape[0])}
 
 
 def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
               cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 7: mean ROAR over the batch's queries + λ · L₁ on their top-group pairs."""
+    """Eq. 7 on the global batch: L₂ = L₁ + β · L_align, where row i of ROAR's softmax (Eq. 4)
+    and L₁'s candidates are every candidate of every worker, and L₁'s positive is the query's
+    top-grade product (queries whose top grade is below the positive threshold have none)."""
+    rank, world = _world()
     counts = [len(c) for c in batch["cand_texts"]]
-    Q, C = len(counts), max(counts)
-    q = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (Q, D)
-    flat = forward(**model.tokenize([t for ts in batch["cand_texts"] for t in ts], "product"))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    index = torch.zeros((Q, C), dtype=torch.long)
-    valid = torch.zeros((Q, C), dtype=torch.bool)
-    grades = torch.zeros((Q, C))
-    for i, n in enumerate(counts):
-        index[i, :n] = torch.arange(offsets[i], offsets[i] + n)
-        valid[i, :n] = True
-        grades[i, :n] = torch.tensor(batch["cand_grades"][i])
-    cands = flat[index]  # (Q, C, D)
-    scores = torch.einsum("qd,qcd->qc", q, cands)  # (Q, C)
-    l_roar = roar_loss(scores, grades, valid, tau=cfg.loss.tau, beta=cfg.loss.beta,
-                       gamma=cfg.loss.gamma)
-    metrics = {"roar_loss": l_roar.item()}
-    loss = l_roar
-    top = torch.tensor(batch["top_index"])  # (Q,)
-    has_top = top >= 0
-    if cfg.loss.lam > 0 and has_top.any():
-        keys = torch.tensor([k for ks in batch["cand_keys"] for k in ks])  # (N,)
-        groups = torch.tensor([k for ks in batch["cand_group_keys"] for k in ks])  # (N,)
-        rows = torch.nonzero(has_top).squeeze(1)  # queries with a positive top group
-        positive = torch.tensor(offsets[:-1])[rows] + top[rows]  # (B',)
-        same_group = groups[None, :] == groups[positive][:, None] if cfg.loss.catalog_rule else None
-        known = (_known_positive(keys, [batch["query_pos_keys"][i] for i in rows.tolist()])
-                 if cfg.loss.label_rule else None)
-        out = masked_contrastive_loss(q[rows], flat, positive, tau=cfg.loss.tau,
-                                      margin=cfg.loss.margin, same_group=same_group,
-                                      known_positive=known)
-        loss = loss + cfg.loss.lam * out.loss
-        metrics |= {"contrastive_loss": out.loss.item(),
-                    "masked_fraction": out.masked_fraction.item()}
+    extras = [len(c) for c in batch.get("extra_texts", [[] for _ in counts])]
+    texts: list[str] = []
+    keys: list[int] = []
+    groups: list[int] = []
+    owner: list[int] = []  # the local query whose graded candidate this is (−1: ungraded)
+    grade: list[float] = []
+    for i in range(len(counts)):
+        texts += batch["cand_texts"][i]
+        keys += batch["cand_keys"][i]
+        groups += batch["cand_group_keys"][i]
+        owner += [i] * counts[i]
+        grade += batch["cand_grades"][i]
+        if extras[i]:
+            texts += batch["extra_texts"][i]
+            keys += batch["extra_keys"][i]
+            groups += batch["extra_group_keys"][i]
+            owner += [-1] * extras[i]
+            grade += [0.0] * extras[i]
+    q_local = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (Q, D)
+    c_local = forward(**model.tokenize(texts, "product"))  # (N_local, D)
+    starts_local = np.concatenate([[0], np.cumsum(np.add(counts, extras))[:-1]])
+    top = [int(starts_local[i]) + t if t >= 0 else -1 for i, t in enumerate(batch["top_index"])]
+
+    q = gather_with_grad(q_local)  # (Q_all, D)
+    c = gather_with_grad(c_local)  # (N, D)
+    n_local = torch.tensor([c_local.shape[0]])
+    q_local_n = torch.tensor([q_local.shape[0]])
+    c_start = torch.cumsum(gather_with_grad(n_local), 0) - gather_with_grad(n_local)  # (world,)
+    q_start = torch.cumsum(gather_with_grad(q_local_n), 0) - gather_with_grad(q_local_n)
+    # Global owner query and top positive of every candidate / query.
+    owner_t = torch.tensor(owner, dtype=torch.long)
+    owner_t = torch.where(owner_t >= 0, owner_t + q_start[rank], owner_t)
+    all_owner = gather_with_grad(owner_t)  # (N,)
+    top_t = torch.tensor(top, dtype=torch.long)
+    top_t = torch.where(top_t >= 0, top_t + c_start[rank], top_t)
+    all_top = gather_with_grad(top_t)  # (Q_all,)
+    all_grade = gather_with_grad(torch.tensor(grade, dtype=torch.float32))  # (N,)
+    all_keys = gather_with_grad(torch.tensor(keys, dtype=torch.long))  # (N,)
+    all_groups = gather_with_grad(torch.tensor(groups, dtype=torch.long))  # (N,)
+
+    Q_all = q.shape[0]
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.float() @ c.float().T  # (Q_all, N)
+    graded = all_owner[None, :] == torch.arange(Q_all)[:, None]  # (Q_all, N)
+    grades = all_grade[None, :].expand(Q_all, -1)  # (Q_all, N)
+    l_align = roar_loss(scores, grades, graded, tau=cfg.loss.tau_align, gamma=cfg.loss.gamma)
+    metrics = {"align_loss": l_align.item()}
+    rows = torch.nonzero(all_top >= 0).squeeze(1)  # queries with a positive top group
+    if rows.numel():
+        pos_keys = _gather_rows(list(batch["query_pos_keys"]))[rows]  # (B', P)
+        out = _masked_l1(q[rows], c, all_top[rows], all_keys, all_groups, pos_keys, cfg)
+        l1 = out.loss
+        metrics |= {"contrastive_loss": l1.item(), "masked_fraction": out.masked_fraction.item(),
+                    "in_batch_accuracy": out.accuracy.item()}
+    else:
+        l1 = scores.sum() * 0.0
+    loss = roar_objective(l1, l_align, beta=cfg.loss.beta)
     metrics["loss"] = loss.item()
-    return loss, metrics
+    return loss * world, metrics
 
 
 STEPS = {"contrastive": contrastive_step, "roar": roar_step}
@@ -252,9 +323,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            columns = _columns(batch)
+            if cfg.stage == "contrastive" and cfg.data.hard_negatives:
+                # A fresh draw from each row's pool every epoch (seeded: resumable, repeatable).
+                rng = np.random.default_rng([cfg.run.seed, epoch, step, rank])
+                columns = sample_negatives(columns, cfg.data.hard_negatives, rng)
+            elif cfg.stage == "contrastive":
+                columns |= {k: [[] for _ in columns["query_text"]]
+                            for k in ("neg_texts", "neg_keys", "neg_group_keys")}
+            # bf16 autocast covers the backbone; scores and losses run in float32 (losses/).
             with torch.autocast(device.type, dtype=torch.bfloat16,
                                 enabled=cfg.optim.precision == "bf16"):
-                loss, metrics = run_step(model, forward, _columns(batch), cfg)
+                loss, metrics = run_step(model, forward, columns, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:
