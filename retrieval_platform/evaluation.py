@@ -23,13 +23,14 @@ from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_mo
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
 from retrieval_platform.io import write_json
-from retrieval_platform.metrics import evaluate_rankings
+from retrieval_platform.metrics import aggregate, per_query_metrics
 from retrieval_platform.retrievers.bm25 import BM25Retriever
 from retrieval_platform.retrievers.hybrid import RRF_K, rrf_fuse
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["ndcg@10", "recall@10", "recall@100", "mrr@10", "grade_order_accuracy"]
+METRIC_COLUMNS = ["ndcg@10", "recall@10", "recall@100", "map@10", "mrr@10",
+                  "grade_order_accuracy", "grade_order_accuracy_gap"]
 
 
 @dataclass
@@ -144,12 +145,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             ranked[f"hybrid({name}+bm25)"] = _hybrid(ranked[name], lexical, cfg.depth)
 
     scale = ds.scale
-    results = {
-        name: evaluate_rankings(r.rankings, qrels, gain=scale.gain,
+    per_query = {
+        name: per_query_metrics(r.rankings, qrels, gain=scale.gain,
                                 top_threshold=scale.top_threshold, judged_scores=r.judged_scores)
-        | {"seconds": round(r.seconds, 1)}
         for name, r in ranked.items()
     }
+    results = {name: aggregate(per_query[name]) | {"seconds": round(ranked[name].seconds, 1)}
+               for name in ranked}
     report = {
         "dataset": str(ds.path), "split": cfg.split, "queries": len(qids),
         "products": ds.manifest["counts"]["products"]["accepted"],
@@ -157,6 +159,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "models": {name: {"path": str(resolve_model_folder(m)), "model_id": model_ids[name]}
                    for name, m in cfg.models.items()},
         "results": results, "config": to_dict(cfg),
+        # Per-query values, for paired bootstrap intervals (retrieval_platform.stats).
+        "query_text": dict(zip(qids, qtexts, strict=True)), "per_query": per_query,
     }
     write_report(report, Path(cfg.output_dir))
     return report
@@ -178,7 +182,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Full-corpus retrieval over {report['products']} products, {report['queries']} queries. "
         f"Gain map: {report['gain_map']}. Recall and MRR count {report['top_grade']} as "
         "top grade. Grade-order accuracy: share of judged pairs with different grades that the "
-        "system scores in the right order.",
+        "system scores in the right order (_gap: pairs at least 1 grade apart).",
         "",
         "| system | " + " | ".join(METRIC_COLUMNS) + " | NDCG@10 / BM25 | seconds |",
         "|---|" + "---:|" * (len(METRIC_COLUMNS) + 2),
@@ -202,7 +206,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     results = report["results"]
     names = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    ranking = [c for c in METRIC_COLUMNS if c != "grade_order_accuracy"]
+    ranking = [c for c in METRIC_COLUMNS if not c.startswith("grade_order")]
     width = 0.8 / max(1, len(names))
     x = np.arange(len(ranking))
     for i, name in enumerate(names):

@@ -6,8 +6,10 @@
   DCG = Σ gain_i / log2(i + 1), as trec_eval's ndcg_cut.
 - Recall@k of the top-grade products, MRR@k of the first top-grade product (queries without a
   top-grade product are left out of both averages).
+- MAP@k of the top-grade products (the paper's MAP, binarised the same way).
 - Grade-order accuracy: over all pairs of one query's judged products with different grades, the
-  share that the model scores in the right order (ties count one half).
+  share that the model scores in the right order (ties count one half); also over the pairs
+  whose grades differ by at least 1 (Home Depot's mean ratings are noisy at smaller gaps).
 """
 
 from __future__ import annotations
@@ -49,17 +51,83 @@ def mrr_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
     return 0.0
 
 
-def grade_order_pairs(scores: Mapping[str, float], judged: Judged) -> tuple[float, int]:
-    """(correctly ordered pairs, ties counting 0.5; number of pairs with different grades)."""
+def average_precision_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
+    """AP@k = Σ_{i ≤ k, rel_i} P@i / |relevant| (trec_eval's map_cut; the paper's MAP@k,
+    binarised on the top grade)."""
+    hits, total = 0, 0.0
+    for i, p in enumerate(ranked[:k]):
+        if p in relevant:
+            hits += 1
+            total += hits / (i + 1)
+    return total / len(relevant)
+
+
+def grade_order_pairs(scores: Mapping[str, float], judged: Judged,
+                      min_gap: float = 0.0) -> tuple[float, int]:
+    """(correctly ordered pairs, ties counting 0.5; number of pairs whose grades differ by more
+    than ``min_gap``, or at all when it is 0)."""
     ids = [p for p in judged if p in scores]
     g = np.asarray([judged[p] for p in ids], np.float64)
     s = np.asarray([scores[p] for p in ids], np.float64)
-    dg = np.sign(g[:, None] - g[None, :])  # (n, n)
+    gap = g[:, None] - g[None, :]  # (n, n)
+    dg = np.sign(gap)  # (n, n)
     ds = np.sign(s[:, None] - s[None, :])  # (n, n)
     upper = np.triu(np.ones_like(dg, dtype=bool), 1) & (dg != 0)
+    if min_gap > 0:
+        upper &= np.abs(gap) >= min_gap - 1e-9
     total = int(upper.sum())
     correct = float((dg[upper] == ds[upper]).sum() + 0.5 * (ds[upper] == 0).sum())
     return correct, total
+
+
+def per_query_metrics(
+    rankings: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Judged],
+    *,
+    gain: Callable[[np.ndarray], np.ndarray],
+    top_threshold: float,
+    judged_scores: Mapping[str, Mapping[str, float]] | None = None,
+    ndcg_k: int = 10,
+    recall_ks: Sequence[int] = (10, 100),
+    mrr_k: int = 10,
+    map_k: int = 10,
+    goa_min_gap: float = 1.0,
+) -> dict[str, dict[str, float]]:
+    """Each query's metrics (the unit that paired bootstrap intervals resample). Recall, MAP and
+    MRR are NaN for a query without a top-grade product; grade-order pairs come as counts
+    (``goa_correct``/``goa_pairs``, and ``goa_gap_*`` for pairs at least ``goa_min_gap``
+    apart), since GOA is a ratio of sums."""
+    out: dict[str, dict[str, float]] = {}
+    nan = float("nan")
+    for qid, judged in qrels.items():
+        ranked = list(rankings.get(qid, ()))
+        top = {p for p, g in judged.items() if g >= top_threshold}
+        m = {f"ndcg@{ndcg_k}": ndcg_at_k(ranked, judged, gain, ndcg_k)}
+        for k in recall_ks:
+            m[f"recall@{k}"] = recall_at_k(ranked, top, k) if top else nan
+        m[f"map@{map_k}"] = average_precision_at_k(ranked, top, map_k) if top else nan
+        m[f"mrr@{mrr_k}"] = mrr_at_k(ranked, top, mrr_k) if top else nan
+        if judged_scores is not None and qid in judged_scores:
+            m["goa_correct"], m["goa_pairs"] = grade_order_pairs(judged_scores[qid], judged)
+            m["goa_gap_correct"], m["goa_gap_pairs"] = grade_order_pairs(
+                judged_scores[qid], judged, goa_min_gap)
+        out[qid] = m
+    return out
+
+
+def aggregate(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Means over queries (NaN entries left out); GOA as correct pairs over all pairs."""
+    rows = list(per_query.values())
+    keys = [k for k in (rows[0] if rows else {}) if not k.startswith("goa_")]
+    out = {k: _mean([r[k] for r in rows if not np.isnan(r[k])]) for k in keys}
+    if any("goa_pairs" in r for r in rows):
+        for name, prefix in (("grade_order_accuracy", "goa_"),
+                             ("grade_order_accuracy_gap", "goa_gap_")):
+            pairs = sum(r.get(f"{prefix}pairs", 0) for r in rows)
+            correct = sum(r.get(f"{prefix}correct", 0.0) for r in rows)
+            out[name] = correct / pairs if pairs else float("nan")
+    out["queries"] = float(len(rows))
+    return out
 
 
 def evaluate_rankings(
@@ -74,26 +142,9 @@ def evaluate_rankings(
     mrr_k: int = 10,
 ) -> dict[str, float]:
     """Mean metrics over the queries of ``qrels`` (a query with no ranking counts as empty)."""
-    ndcg, recalls, mrr = [], {k: [] for k in recall_ks}, []
-    correct, pairs = 0.0, 0
-    for qid, judged in qrels.items():
-        ranked = list(rankings.get(qid, ()))
-        ndcg.append(ndcg_at_k(ranked, judged, gain, ndcg_k))
-        top = {p for p, g in judged.items() if g >= top_threshold}
-        if top:
-            for k in recall_ks:
-                recalls[k].append(recall_at_k(ranked, top, k))
-            mrr.append(mrr_at_k(ranked, top, mrr_k))
-        if judged_scores is not None and qid in judged_scores:
-            c, t = grade_order_pairs(judged_scores[qid], judged)
-            correct, pairs = correct + c, pairs + t
-    out = {f"ndcg@{ndcg_k}": _mean(ndcg)}
-    out |= {f"recall@{k}": _mean(v) for k, v in recalls.items()}
-    out[f"mrr@{mrr_k}"] = _mean(mrr)
-    if judged_scores is not None:
-        out["grade_order_accuracy"] = correct / pairs if pairs else float("nan")
-    out["queries"] = float(len(qrels))
-    return out
+    return aggregate(per_query_metrics(rankings, qrels, gain=gain, top_threshold=top_threshold,
+                                       judged_scores=judged_scores, ndcg_k=ndcg_k,
+                                       recall_ks=recall_ks, mrr_k=mrr_k))
 
 
 def _mean(values: list[float]) -> float:

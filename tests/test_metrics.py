@@ -49,6 +49,8 @@ def test_grade_order_accuracy_by_hand():
     Scores a .9, b .5, c .6, d .5: right (a,b) (a,c); wrong (b,c) (c,d); tie (b,d) -> 2.5/5."""
     scores = {"a": 0.9, "b": 0.5, "c": 0.6, "d": 0.5}
     assert grade_order_pairs(scores, QRELS["q1"]) == (2.5, 5)
+    # Pairs at least one grade apart only: grades 3, 2, 2, 0 -> a-b, a-c, a-d, b-d, c-d.
+    assert grade_order_pairs(scores, QRELS["q1"], min_gap=1.0)[1] == 5
 
 
 def test_evaluate_rankings_aggregates():
@@ -81,7 +83,8 @@ def test_ndcg_matches_ir_measures():
     assert ours["ndcg@10"] == pytest.approx(theirs[ir_measures.nDCG @ 10], abs=1e-6)
     rr_qrels = {q: {p: int(g >= 3.0) for p, g in j.items()} for q, j in qrels.items()}
     has_top = {q: j for q, j in rr_qrels.items() if any(j.values())}
-    rr = ir_measures.calc_aggregate([ir_measures.RR @ 10, ir_measures.R @ 10], has_top,
-                                    {q: run[q] for q in has_top})
+    rr = ir_measures.calc_aggregate([ir_measures.RR @ 10, ir_measures.R @ 10,
+                                     ir_measures.AP @ 10], has_top, {q: run[q] for q in has_top})
     assert ours["mrr@10"] == pytest.approx(rr[ir_measures.RR @ 10], abs=1e-6)
     assert ours["recall@10"] == pytest.approx(rr[ir_measures.R @ 10], abs=1e-6)
+    assert ours["map@10"] == pytest.approx(rr[ir_measures.AP @ 10], abs=1e-6)

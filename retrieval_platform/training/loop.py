@@ -33,6 +33,7 @@ from retrieval_platform.training.examples import sample_negatives
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+HISTORY_FILE = "history.json"
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -102,34 +103,45 @@ def _masked_l1(q: torch.Tensor, c: torch.Tensor, positive: torch.Tensor,
                                    same_group=same_group, known_positive=known)
 
 
+def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: torch.Tensor,
+                            groups: torch.Tensor, query_pos_keys: list[list[int]],
+                            cfg: TrainConfig):
+    """Eq. 1–3 on the global batch from this worker's part: ``q_local`` (B, D) queries,
+    ``c_local`` (B + ΣH, D) candidates whose first B are the queries' positives, their product
+    and variant-group keys, and each query's labelled positives. Every worker gathers all queries
+    and candidates (its own keep their gradient) and returns the whole batch's loss times the
+    world size: DDP's average of the workers' gradients is then the global loss's gradient."""
+    _, world = _world()
+    B = q_local.shape[0]
+    q = gather_with_grad(q_local)  # (B_all, D)
+    c = gather_with_grad(c_local)  # (N, D)
+    all_keys = gather_with_grad(keys)  # (N,)
+    all_groups = gather_with_grad(groups)  # (N,)
+    n_cands = gather_with_grad(torch.tensor([c_local.shape[0]]))  # (world,)
+    n_queries = gather_with_grad(torch.tensor([B]))  # (world,)
+    starts = torch.cumsum(n_cands, 0) - n_cands  # (world,)
+    positive = torch.cat([starts[r] + torch.arange(int(n_queries[r])) for r in range(world)])
+    pos_keys = _gather_rows(query_pos_keys)  # (B_all, P)
+    out = _masked_l1(q, c, positive, all_keys, all_groups, pos_keys, cfg)
+    return out.loss * world, out
+
+
 def contrastive_step(model: DualEncoder, forward: Any, batch: dict[str, list],
                      cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 1–3 on the global batch: every worker gathers all queries and all candidates (its own
-    with gradients) and computes the loss of the whole batch, so that the gradient that DDP
-    averages is that of one batch of world × B pairs (scaled back by the world size)."""
-    _, world = _world()
-    B = len(batch["query_text"])
+    """Eq. 1–3 on one batch of pairs; candidates = all positives and negatives of all workers."""
     texts = list(batch["pos_text"]) + [t for negs in batch["neg_texts"] for t in negs]
     q_local = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (B, D)
     c_local = forward(**model.tokenize(texts, "product"))  # (B + ΣH, D)
     keys = torch.tensor(list(batch["pos_key"]) + [k for ks in batch["neg_keys"] for k in ks])
     groups = torch.tensor(list(batch["pos_group_key"])
                           + [k for ks in batch["neg_group_keys"] for k in ks])
-    offset = torch.tensor([c_local.shape[0]])
-    q = gather_with_grad(q_local)  # (B_all, D)
-    c = gather_with_grad(c_local)  # (N, D)
-    all_keys = gather_with_grad(keys)  # (N,)
-    all_groups = gather_with_grad(groups)  # (N,)
-    starts = torch.cumsum(gather_with_grad(offset), 0) - gather_with_grad(offset)  # (world,)
-    sizes = gather_with_grad(torch.tensor([B]))  # (world,)
-    positive = torch.cat([starts[r] + torch.arange(int(sizes[r])) for r in range(world)])
-    pos_keys = _gather_rows(list(batch["query_pos_keys"]))  # (B_all, P)
-    out = _masked_l1(q, c, positive, all_keys, all_groups, pos_keys, cfg)
-    return out.loss * world, {
+    loss, out = global_contrastive_loss(q_local, c_local, keys, groups,
+                                        list(batch["query_pos_keys"]), cfg)
+    return loss, {
         "loss": out.loss.item(), "masked_fraction": out.masked_fraction.item(),
         "margin_masked_fraction": out.margin_masked_fraction.item(),
         "known_masked_fraction": out.known_masked_fraction.item(),
-        "in_batch_accuracy": out.accuracy.item(), "candidates": float(c.shape[0])}
+        "in_batch_accuracy": out.accuracy.item()}
 
 
 def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
@@ -274,6 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, epoch, batch_in_epoch = 0, 0, 0
     resumed_from = 0
+    history: list[dict[str, float]] = []  # every logged step's metrics (the training curve)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: a restarted worker group or a rerun of the same name
         with checkpoint.as_directory() as folder:
@@ -284,6 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, epoch = int(state["step"]), int(state["epoch"])
             batch_in_epoch = int(state["batch_in_epoch"])
             resumed_from = step
+            if (Path(folder) / HISTORY_FILE).is_file():
+                history = json.loads((Path(folder) / HISTORY_FILE).read_text())
     forward = ray.train.torch.prepare_model(model)  # DDP across workers (gloo on CPU)
     device = next(model.parameters()).device
     run_step = STEPS[cfg.stage]
@@ -302,6 +317,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                             "batch_in_epoch": batch_in_epoch}, Path(tmp) / STATE_FILE)
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -349,6 +365,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics |= {"step": step, "epoch": epoch, "lr": lr,
                             "resumed_from_step": resumed_from,
                             "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                history.append(metrics)
                 if rank == 0:  # through logging: Ray Train tees print() into its log twice
                     log.info("[%s] step %d/%d %s", cfg.stage, step, cfg.optim.max_steps,
                              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))

@@ -23,7 +23,7 @@ from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, write_json
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
-from retrieval_platform.training.loop import MODEL_DIR, train_loop_per_worker
+from retrieval_platform.training.loop import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                                  overwrite=True) as tmp:
         shutil.copytree(Path(folder) / MODEL_DIR, tmp, dirs_exist_ok=True)
         metrics = dict(result.metrics or {})
+        history_file = Path(folder) / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
         write_json(tmp / "training.json", {
             "stage": cfg.stage, "checkpoint": result.checkpoint.path, "final_metrics": metrics,
-            "examples": examples.num_rows, "config": to_dict(cfg),
+            "examples": examples.num_rows, "config": to_dict(cfg), "history": history,
         })
     log.info("%s done: model at %s (%s)", cfg.stage, cfg.output_dir, json.dumps(metrics))
     return TrainResult(Path(cfg.output_dir), result.checkpoint.path, metrics)
