@@ -57,6 +57,21 @@ class AblationConfig:
     arms: list[Arm] = field(default_factory=list)
 
 
+CONFIG = AblationConfig
+
+
+def validate(cfg: AblationConfig) -> None:
+    """Every arm an arm refers to comes before it; stage 2 starts from a trained arm."""
+    seen: dict[str, Arm] = {}
+    for arm in cfg.arms:
+        for ref in [arm.negatives_from, *arm.compare]:
+            if ref is not None and ref not in seen:
+                raise ValueError(f"arm {arm.name}: {ref!r} is not an earlier arm")
+        if arm.kind == "stage2" and seen.get(arm.init, Arm("", "zero_shot")).kind == "zero_shot":
+            raise ValueError(f"arm {arm.name}: stage 2 starts from a trained arm, not {arm.init}")
+        seen[arm.name] = arm
+
+
 def model_of(cfg: AblationConfig, arm: str) -> str:
     return str(Path(cfg.output_dir) / "models" / arm)
 
@@ -225,6 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging()
     cfg = from_dict(AblationConfig, load_yaml(args.config))
+    validate(cfg)
     arms = {a.name: a for a in cfg.arms}
     if not args.summary:
         with ray_session():

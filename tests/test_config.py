@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,6 +91,14 @@ def test_every_yaml_in_the_repo_opens_with_its_command_and_loads(path):
     if (m := re.search(r"python -m ([\w.]+)", first)) and "--config" in first:
         module = importlib.import_module(m.group(1))
         load_config(module.CONFIG, path)
+    elif m := re.search(r"python (bench/\w+\.py) --config", first):  # a benchmark's config
+        spec = importlib.util.spec_from_file_location("bench_script", REPO / m.group(1))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        cfg = load_config(module.CONFIG, path)
+        if hasattr(module, "validate"):
+            module.validate(cfg)
     elif "retrieval-platform pipeline" in first:
         from retrieval_platform.pipeline import PipelineConfig
 
