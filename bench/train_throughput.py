@@ -3,7 +3,7 @@ batch and loss (1 mined-style negative per pair):
 
 - Ray Train, the previous layout: ``--workers`` DDP workers with one CPU each, fp32;
 - Ray Train, one worker holding every core (no gradient all-reduce between processes);
-- a plain single-process PyTorch loop, fp32 and bf16 autocast.
+- a plain single-process PyTorch loop, fp32 (and bf16 autocast with ``--bf16``).
 
     python bench/train_throughput.py [--backbone minilm-l6] [--steps 20] [--global-batch 64]
 
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--bf16", action="store_true", help="also a bf16-autocast plain loop")
     parser.add_argument("--json")
     args = parser.parse_args()
     cpus = local_ray()
@@ -82,15 +83,20 @@ def main() -> None:
         "output_dir": f"{tmp}/model",
     })
     examples = contrastive_examples(PreparedDataset(f"{tmp}/data"), hard_negatives=1)
-    rows = {
-        f"ray_train_{args.workers}x1cpu_fp32": ray_train(cfg, args.workers, cpus,
-                                                          args.global_batch),
-        f"ray_train_1x{cpus}cpu_fp32": ray_train(cfg, 1, cpus, args.global_batch),
-        f"plain_{cpus}threads_fp32": plain_loop(cfg, examples, args.global_batch, args.steps,
-                                                args.steps, cpus),
-        f"plain_{cpus}threads_bf16": plain_loop(cfg, examples, args.global_batch, args.steps,
-                                                args.steps, cpus, "bf16"),
+    runs = {
+        f"ray_train_{args.workers}x1cpu_fp32": lambda: ray_train(cfg, args.workers, cpus,
+                                                                  args.global_batch),
+        f"ray_train_1x{cpus}cpu_fp32": lambda: ray_train(cfg, 1, cpus, args.global_batch),
+        f"plain_{cpus}threads_fp32": lambda: plain_loop(cfg, examples, args.global_batch,
+                                                        args.steps, args.steps, cpus),
     }
+    if args.bf16:  # without AVX512-BF16/AMX, bf16 autocast is emulated and much slower
+        runs[f"plain_{cpus}threads_bf16"] = lambda: plain_loop(
+            cfg, examples, args.global_batch, args.steps, args.steps, cpus, "bf16")
+    rows = {}
+    for name, run in runs.items():
+        rows[name] = run()
+        print(f"{name}: {rows[name]:.2f} pairs/s", flush=True)
     first = next(iter(rows.values()))
     out = {
         "backbone": args.backbone, "cpus": cpus, "global_batch": args.global_batch,

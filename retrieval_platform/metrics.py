@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -130,21 +131,11 @@ def aggregate(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def evaluate_rankings(
-    rankings: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, Judged],
-    *,
-    gain: Callable[[np.ndarray], np.ndarray],
-    top_threshold: float,
-    judged_scores: Mapping[str, Mapping[str, float]] | None = None,
-    ndcg_k: int = 10,
-    recall_ks: Sequence[int] = (10, 100),
-    mrr_k: int = 10,
-) -> dict[str, float]:
-    """Mean metrics over the queries of ``qrels`` (a query with no ranking counts as empty)."""
-    return aggregate(per_query_metrics(rankings, qrels, gain=gain, top_threshold=top_threshold,
-                                       judged_scores=judged_scores, ndcg_k=ndcg_k,
-                                       recall_ks=recall_ks, mrr_k=mrr_k))
+def evaluate_rankings(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Judged],
+                      **options: Any) -> dict[str, float]:
+    """Mean metrics over the queries of ``qrels`` (a query with no ranking counts as empty);
+    ``options`` are those of :func:`per_query_metrics`."""
+    return aggregate(per_query_metrics(rankings, qrels, **options))
 
 
 def _mean(values: list[float]) -> float:

@@ -171,3 +171,17 @@ def test_a_worker_that_dies_is_replaced_and_training_resumes(prepared, tmp_path)
     assert result.metrics["step"] == 400
     assert result.metrics["resumed_from_step"] >= 20  # restarted from a checkpoint, not from 0
     assert np.isfinite(result.metrics["loss"])
+
+
+def test_lora_trains_adapters_only_and_exports_a_plain_merged_folder(prepared, tmp_path):
+    init = _weights(resolve_model_folder("tiny"))
+    cfg = _cfg(prepared, tmp_path, "lora", optim__max_steps=3, optim__lr=1e-2,
+               model__lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    result = train(cfg)
+    folder = result.model_dir
+    assert not list(folder.glob("adapter_*"))  # merged: no peft files, a plain HF folder
+    trained = _weights(folder)
+    assert set(trained) == set(init)  # the same keys: no lora_A / lora_B left
+    changed = {k for k in init if not torch.equal(init[k], trained[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only adapted matrices
+    assert "embed_tokens.weight" not in changed

@@ -36,6 +36,7 @@ from retrieval_platform.encoder.backbones import (
     DEFAULT_QUERY_INSTRUCTION,
     backbone_spec,
 )
+from retrieval_platform.encoder.lora import merged
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import sha256_file, write_json
 
@@ -175,7 +176,7 @@ class DualEncoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         quiet_transformers()
-        self.backbone.save_pretrained(path, safe_serialization=True)
+        merged(self.backbone).save_pretrained(path, safe_serialization=True)  # LoRA folded in
         self.tokenizer.save_pretrained(path)
         _write_sentence_transformers_files(path, self.settings, self.dim)
         write_json(path / SETTINGS_FILE, {

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from retrieval_platform.encoder.lora import LoraSettings
+
 
 @dataclass
 class ModelConfig:
@@ -13,6 +15,7 @@ class ModelConfig:
     query_instruction: str | None = None
     max_query_length: int | None = None
     max_product_length: int | None = None
+    lora: LoraSettings | None = None  # train LoRA adapters only (decoders); null: full fine-tune
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from retrieval_platform.config import from_dict
+from retrieval_platform.encoder.lora import add_lora
 from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
@@ -282,23 +283,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = _load_init(cfg.model)
     init_id = _model_id(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, epoch, batch_in_epoch = 0, 0, 0
     resumed_from = 0
     history: list[dict[str, float]] = []  # every logged step's metrics (the training curve)
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: a restarted worker group or a rerun of the same name
         with checkpoint.as_directory() as folder:
             resumed = DualEncoder.from_pretrained(Path(folder) / MODEL_DIR)
             model.backbone.load_state_dict(resumed.backbone.state_dict())
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
             step, epoch = int(state["step"]), int(state["epoch"])
             batch_in_epoch = int(state["batch_in_epoch"])
             resumed_from = step
             if (Path(folder) / HISTORY_FILE).is_file():
                 history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    if cfg.model.lora is not None:  # adapters on the (possibly resumed, merged) weights
+        model.backbone = add_lora(model.backbone, cfg.model.lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if state is not None and cfg.model.lora is None:  # fresh adapters start fresh moments
+        optimizer.load_state_dict(state["optimizer"])
     forward = ray.train.torch.prepare_model(model)  # DDP across workers (gloo on CPU)
     device = next(model.parameters()).device
     run_step = STEPS[cfg.stage]
