@@ -46,6 +46,7 @@ class EvaluateConfig:
     output_dir: str = "runs/reports/synthetic"
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     query_batch_size: int = 64
+    dims: list[int] = field(default_factory=list)  # also rank with the first d dims (Matryoshka)
 
 
 @dataclass
@@ -56,18 +57,33 @@ class _Ranked:
     seconds: float
 
 
-def _dense(name: str, model: str, ds: PreparedDataset, qids: list[str], qtexts: list[str],
-           qrels: dict[str, dict[str, float]], cfg: EvaluateConfig) -> tuple[_Ranked, str]:
+def _embed(name: str, model: str, ds: PreparedDataset, qtexts: list[str],
+           cfg: EvaluateConfig) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """Every product (Ray Data, the one encode path) and every query, at full dimension."""
     started = time.perf_counter()
     folder = resolve_model_folder(model)
     embedded = embed_products(ds.products_dataset(["product_id", "text"]), str(folder), cfg.embed)
     cols, xb = collect(embedded, ["product_id"])
-    ids = cols["product_id"]
-    pos = {p: i for i, p in enumerate(ids)}
     encoder = DualEncoder.from_pretrained(folder)
     xq = encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
                         precision=cfg.embed.precision)  # (nq, d)
-    _, I = search_index(build_index(xb, IndexParams()), xq, cfg.depth, IndexParams())
+    log.info("%s: %d products embedded in %.0fs", name, len(xb), time.perf_counter() - started)
+    return cols["product_id"], xb, xq, model_info(folder)["model_id"]
+
+
+def _first_dims(x: np.ndarray, dim: int | None) -> np.ndarray:
+    """Matryoshka: the first ``dim`` dimensions, renormalised (encoder.model.truncate)."""
+    if dim is None or dim >= x.shape[1]:
+        return x
+    x = np.ascontiguousarray(x[:, :dim])
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
+           qrels: dict[str, dict[str, float]], depth: int, seconds: float) -> _Ranked:
+    started = time.perf_counter()
+    pos = {p: i for i, p in enumerate(ids)}
+    _, I = search_index(build_index(xb, IndexParams()), xq, depth, IndexParams())
     rankings, judged_scores, full_ranks = {}, {}, {}
     for qi, qid in enumerate(qids):
         rankings[qid] = [ids[i] for i in I[qi] if i >= 0]
@@ -77,10 +93,7 @@ def _dense(name: str, model: str, ds: PreparedDataset, qids: list[str], qtexts: 
         judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
         full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
                                                                               strict=True)}
-    log.info("%s: %d products embedded and searched in %.0fs", name, len(ids),
-             time.perf_counter() - started)
-    return _Ranked(rankings, judged_scores, full_ranks, time.perf_counter() - started), \
-        model_info(folder)["model_id"]
+    return _Ranked(rankings, judged_scores, full_ranks, seconds + time.perf_counter() - started)
 
 
 def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
@@ -136,7 +149,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ranked: dict[str, _Ranked] = {}
     model_ids: dict[str, str] = {}
     for name, model in cfg.models.items():
-        ranked[name], model_ids[name] = _dense(name, model, ds, qids, qtexts, qrels, cfg)
+        started = time.perf_counter()
+        ids, xb, xq, model_ids[name] = _embed(name, model, ds, qtexts, cfg)
+        seconds = time.perf_counter() - started
+        ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
+        for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
+            ranked[f"{name}@{d}"] = _dense(ids, _first_dims(xb, d), _first_dims(xq, d), qids,
+                                           qrels, cfg.depth, seconds)
     if cfg.bm25 or cfg.hybrid:
         lexical = _bm25(ds, qids, qtexts, qrels, cfg.depth)
         if cfg.bm25:

@@ -156,3 +156,12 @@ def test_converted_smollm2_answers_a_chat_prompt():
     out = lm.generate(**ids, max_new_tokens=10, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_encode_at_a_matryoshka_dimension_is_the_renormalised_prefix(tiny):
+    texts = ["stainless kettle", "red running shoes", "queen bed sheets"]
+    full = tiny.encode(texts, "product")
+    short = tiny.encode(texts, "product", dim=16)
+    assert short.shape == (3, 16)
+    prefix = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, prefix, rtol=1e-5, atol=1e-6)

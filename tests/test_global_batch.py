@@ -83,3 +83,21 @@ def _one_order() -> torch.Tensor:
     n = B * (1 + H)
     first = [*range(B), *range(n, n + B)]
     return torch.tensor(first + [i for i in range(2 * n) if i not in first])
+
+
+def test_matryoshka_sums_the_loss_over_the_first_dimensions():
+    """loss.matryoshka_dims = [2]: L = L₁(full) + L₁(first 2 dims, renormalised)."""
+    from retrieval_platform.encoder.model import truncate
+    from retrieval_platform.losses import masked_contrastive_loss
+
+    weight, xq, xc, keys = _inputs()
+    q, c = _encode(weight, xq), _encode(weight, xc)[_one_order()]
+    cfg = _cfg()
+    cfg.loss.matryoshka_dims = [2, 64]  # 64 >= D: ignored
+    loss, out = global_contrastive_loss(q, c, keys, keys, [[]] * (2 * B), cfg)
+    positive = torch.arange(2 * B)
+    expected = sum(masked_contrastive_loss(truncate(q, d), truncate(c, d), positive, tau=0.1,
+                                           margin=0.1).loss for d in (None, 2))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out.loss, masked_contrastive_loss(q, c, positive, tau=0.1,
+                                                                 margin=0.1).loss)

@@ -145,8 +145,9 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     report = evaluate(from_dict(EvaluateConfig, {
         "prepared_dir": str(prepared), "split": "dev",
         "models": {"zero_shot": "tiny", "stage1": str(s1.model_dir)}, "hybrid": ["stage1"],
+        "dims": [32],
         "output_dir": str(tmp_path / "report"), **SMALL}))
-    for name in ("zero_shot", "stage1", "bm25", "hybrid(stage1+bm25)"):
+    for name in ("zero_shot", "stage1", "stage1@32", "bm25", "hybrid(stage1+bm25)"):
         m = report["results"][name]
         assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
     for file in ("report.md", "report.json", "report.png"):

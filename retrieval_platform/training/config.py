@@ -56,6 +56,9 @@ class LossConfig:
     tau_align: float = 0.01  # τ_a, Eq. 4 (paper: 0.01)
     gamma: float = 0.0  # γ, Eq. 6: margin per grade step (paper: 0)
     beta: float = 0.1  # β, Eq. 7: weight of L_align next to L₁ (paper: 0.1)
+    # Matryoshka: the losses are also summed over the first d dimensions, renormalised (METHOD.md
+    # "Encoder"; the paper serves 256). null: full dimension only.
+    matryoshka_dims: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.tau <= 0 or self.tau_align <= 0:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.lora import add_lora
-from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.encoder.model import DualEncoder, truncate
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 from retrieval_platform.training.config import TrainConfig
@@ -104,6 +104,13 @@ def _masked_l1(q: torch.Tensor, c: torch.Tensor, positive: torch.Tensor,
                                    same_group=same_group, known_positive=known)
 
 
+def matryoshka_dims(cfg: TrainConfig, full: int) -> list[int | None]:
+    """The dimensions the losses are summed over: the full one (None) and each smaller
+    Matryoshka size (equal weights)."""
+    smaller = {d for d in cfg.loss.matryoshka_dims or () if 0 < d < full}
+    return [None, *sorted(smaller, reverse=True)]
+
+
 def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: torch.Tensor,
                             groups: torch.Tensor, query_pos_keys: list[list[int]],
                             cfg: TrainConfig):
@@ -123,8 +130,9 @@ def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: 
     starts = torch.cumsum(n_cands, 0) - n_cands  # (world,)
     positive = torch.cat([starts[r] + torch.arange(int(n_queries[r])) for r in range(world)])
     pos_keys = _gather_rows(query_pos_keys)  # (B_all, P)
-    out = _masked_l1(q, c, positive, all_keys, all_groups, pos_keys, cfg)
-    return out.loss * world, out
+    outs = [_masked_l1(truncate(q, d), truncate(c, d), positive, all_keys, all_groups, pos_keys,
+                       cfg) for d in matryoshka_dims(cfg, q.shape[1])]
+    return sum(o.loss for o in outs) * world, outs[0]  # metrics: the full dimension
 
 
 def contrastive_step(model: DualEncoder, forward: Any, batch: dict[str, list],
@@ -192,25 +200,38 @@ def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
     all_keys = gather_with_grad(torch.tensor(keys, dtype=torch.long))  # (N,)
     all_groups = gather_with_grad(torch.tensor(groups, dtype=torch.long))  # (N,)
 
-    Q_all = q.shape[0]
+    pos_keys = _gather_rows(list(batch["query_pos_keys"]))  # (Q_all, P)
+    loss, metrics = None, {}
+    for d in matryoshka_dims(cfg, q.shape[1]):  # metrics: the full dimension (the first)
+        loss_d, metrics_d = _stage2_loss(truncate(q, d), truncate(c, d), all_owner, all_grade,
+                                         all_top, all_keys, all_groups, pos_keys, cfg)
+        loss, metrics = (loss_d, metrics_d) if loss is None else (loss + loss_d, metrics)
+    metrics["loss"] = loss.item()
+    return loss * world, metrics
+
+
+def _stage2_loss(q: torch.Tensor, c: torch.Tensor, owner: torch.Tensor, grade: torch.Tensor,
+                 top: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor,
+                 pos_keys: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Eq. 7 on global tensors: q (Q, D), c (N, D); ``owner`` (N,) the query whose graded
+    candidate c_j is (−1: none), ``grade`` (N,), ``top`` (Q,) each query's L₁ positive (−1:
+    none), the candidates' product and group keys, and each query's labelled positives."""
+    Q = q.shape[0]
     with torch.autocast(q.device.type, enabled=False):
-        scores = q.float() @ c.float().T  # (Q_all, N)
-    graded = all_owner[None, :] == torch.arange(Q_all)[:, None]  # (Q_all, N)
-    grades = all_grade[None, :].expand(Q_all, -1)  # (Q_all, N)
+        scores = q.float() @ c.float().T  # (Q, N)
+    graded = owner[None, :] == torch.arange(Q)[:, None]  # (Q, N)
+    grades = grade[None, :].expand(Q, -1)  # (Q, N)
     l_align = roar_loss(scores, grades, graded, tau=cfg.loss.tau_align, gamma=cfg.loss.gamma)
     metrics = {"align_loss": l_align.item()}
-    rows = torch.nonzero(all_top >= 0).squeeze(1)  # queries with a positive top group
+    rows = torch.nonzero(top >= 0).squeeze(1)  # queries with a positive top group
     if rows.numel():
-        pos_keys = _gather_rows(list(batch["query_pos_keys"]))[rows]  # (B', P)
-        out = _masked_l1(q[rows], c, all_top[rows], all_keys, all_groups, pos_keys, cfg)
+        out = _masked_l1(q[rows], c, top[rows], keys, groups, pos_keys[rows], cfg)
         l1 = out.loss
         metrics |= {"contrastive_loss": l1.item(), "masked_fraction": out.masked_fraction.item(),
                     "in_batch_accuracy": out.accuracy.item()}
     else:
         l1 = scores.sum() * 0.0
-    loss = roar_objective(l1, l_align, beta=cfg.loss.beta)
-    metrics["loss"] = loss.item()
-    return loss * world, metrics
+    return roar_objective(l1, l_align, beta=cfg.loss.beta), metrics
 
 
 STEPS = {"contrastive": contrastive_step, "roar": roar_step}
@@ -316,9 +337,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                model.save(Path(tmp) / MODEL_DIR, {"stage": cfg.stage, "step": step,
-                                                   "run": cfg.run.name, "init": cfg.model.init,
-                                                   "init_model_id": init_id})
+                model.save(Path(tmp) / MODEL_DIR, {
+                    "stage": cfg.stage, "step": step, "run": cfg.run.name,
+                    "init": cfg.model.init, "init_model_id": init_id,
+                    # the dimensions this model serves well (full first)
+                    "matryoshka_dims": [model.dim, *[d for d in
+                                                     matryoshka_dims(cfg, model.dim) if d]]})
                 torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                             "batch_in_epoch": batch_in_epoch}, Path(tmp) / STATE_FILE)
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
