@@ -21,7 +21,7 @@ from retrieval_platform.config import to_dict
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
+from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
 from retrieval_platform.io import write_json
 from retrieval_platform.metrics import aggregate, per_query_metrics
 from retrieval_platform.retrievers.bm25 import BM25Retriever
@@ -69,14 +69,6 @@ def _embed(name: str, model: str, ds: PreparedDataset, qtexts: list[str],
                         precision=cfg.embed.precision)  # (nq, d)
     log.info("%s: %d products embedded in %.0fs", name, len(xb), time.perf_counter() - started)
     return cols["product_id"], xb, xq, model_info(folder)["model_id"]
-
-
-def _first_dims(x: np.ndarray, dim: int | None) -> np.ndarray:
-    """Matryoshka: the first ``dim`` dimensions, renormalised (encoder.model.truncate)."""
-    if dim is None or dim >= x.shape[1]:
-        return x
-    x = np.ascontiguousarray(x[:, :dim])
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
 def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
@@ -154,7 +146,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
         for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
-            ranked[f"{name}@{d}"] = _dense(ids, _first_dims(xb, d), _first_dims(xq, d), qids,
+            ranked[f"{name}@{d}"] = _dense(ids, first_dims(xb, d), first_dims(xq, d), qids,
                                            qrels, cfg.depth, seconds)
     if cfg.bm25 or cfg.hybrid:
         lexical = _bm25(ds, qids, qtexts, qrels, cfg.depth)

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.index.faiss_ops import (
     IndexParams,
     brute_force_topk,
@@ -128,6 +129,32 @@ def test_build_index_publishes_a_verifiable_version(built_index):
     assert all(h["price"] <= 20.0 for h in cheap)
 
 
+def test_a_matryoshka_index_serves_the_first_dims(built_index):
+    """dim = 16 of the tiny model's 64: the index holds the renormalised prefixes, queries are
+    encoded the same way, and the answer equals brute force over those prefixes."""
+    from retrieval_platform.config import from_dict
+    from retrieval_platform.encoder.model import DualEncoder
+    from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+    from retrieval_platform.serving.core import LocalSearcher
+
+    root, _ = built_index
+    manifest = build_index_dir(from_dict(BuildIndexConfig, {
+        "prepared_dir": str(root / "data"), "model": "tiny", "output_root": str(root / "mrl"),
+        "version": "v16", "num_shards": 2, "dim": 16, "bm25": False,
+        "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64}}))
+    assert manifest["dim"] == 16 and manifest["model"]["dim"] == 64
+    searcher = LocalSearcher(root / "mrl" / "v16")
+    assert searcher.shards[0].index.d == 16
+    hits = searcher.search("red running shoes", k=5)
+    model = DualEncoder.from_pretrained(manifest["model"]["path"])
+    products = PreparedDataset(root / "data").products(["product_id", "text"])
+    xb = model.encode(products["text"].to_pylist(), "product", dim=16)
+    xq = model.encode(["red running shoes"], "query", dim=16)
+    best = np.argsort(-(xb @ xq[0]))[:5]
+    assert [h["product_id"] for h in hits] == [products["product_id"][int(i)].as_py()
+                                               for i in best]
+
+
 def test_corrupted_or_lying_index_is_refused(built_index, tmp_path):
     from retrieval_platform.index.store import IndexLoadError, load_shard
 
@@ -140,11 +167,11 @@ def test_corrupted_or_lying_index_is_refused(built_index, tmp_path):
         load_shard(bad, 1)
     load_shard(bad, 0)  # the intact shards still load
     manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["model"]["dim"] = 128  # lies about the dimension
+    manifest["dim"] = 128  # lies about the index's dimension
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexLoadError, match="dimension 64, manifest says 128"):
         load_shard(bad, 0)
-    manifest["model"]["dim"] = 64
+    manifest["dim"] = 64
     manifest["shards"][0]["count"] = 99  # lies about the count
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexLoadError, match="manifest says 99"):

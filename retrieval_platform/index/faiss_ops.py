@@ -20,6 +20,15 @@ import numpy as np
 IndexKind = Literal["flat", "ivf_flat", "hnsw", "ivf_pq"]
 
 
+def first_dims(x: np.ndarray, dim: int | None) -> np.ndarray:
+    """Matryoshka: the first ``dim`` dimensions of unit vectors (n, d), renormalised (as
+    ``encoder.model.truncate``); ``None`` or ``dim >= d`` returns ``x``."""
+    if dim is None or dim >= x.shape[1]:
+        return x
+    x = np.ascontiguousarray(x[:, :dim], dtype=np.float32)  # (n, dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
 @dataclass
 class IndexParams:
     """How each shard is built and searched (flat inner product by default)."""

@@ -38,6 +38,7 @@ from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.faiss_ops import (
     IndexParams,
     build_index,
+    first_dims,
     search_index,
     shard_bounds,
 )
@@ -64,6 +65,8 @@ class BuildIndexConfig:
     params: IndexParams = field(default_factory=IndexParams)
     bm25: bool = True  # also index the catalog for lexical and hybrid requests
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    # Matryoshka: index (and encode queries with) the first `dim` dimensions; null: all of them
+    dim: int | None = None
 
 
 def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
         if xb.shape[1] != info["dim"]:
             raise IndexLoadError(f"model {folder} gives {xb.shape[1]}-d vectors, "
                                  f"its manifest says {info['dim']}")
+        xb = first_dims(xb, cfg.dim)  # (n, index dim)
         shards = []
         for i, (start, stop) in enumerate(shard_bounds(len(xb), cfg.num_shards)):
             index = build_index(xb[start:stop], cfg.params, seed=i)
@@ -105,6 +109,7 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
                       "weights_sha256": info["weights_sha256"]},
             "dataset": {"path": str(ds.path), "grade_scale": ds.scale.name},
             "metric": "inner_product",
+            "dim": int(xb.shape[1]),  # the index's dimension (a Matryoshka prefix if smaller)
             "params": asdict(cfg.params),
             "num_products": len(xb),
             "shards": shards,
@@ -198,9 +203,9 @@ def load_shard(path: str | Path, shard_id: int, expected_model_id: str | None = 
     meta_path = _check_file(folder, entry["meta"], entry["sha256"]["meta"])
     index = faiss.read_index(str(faiss_path))
     meta = pq.read_table(meta_path)
-    if index.d != manifest["model"]["dim"]:
-        raise IndexLoadError(f"{faiss_path}: dimension {index.d}, manifest says "
-                             f"{manifest['model']['dim']}")
+    dim = manifest.get("dim", manifest["model"]["dim"])  # older manifests: the model's
+    if index.d != dim:
+        raise IndexLoadError(f"{faiss_path}: dimension {index.d}, manifest says {dim}")
     if index.ntotal != entry["count"] or meta.num_rows != entry["count"]:
         raise IndexLoadError(f"{faiss_path}: {index.ntotal} vectors and {meta.num_rows} metadata "
                              f"rows, manifest says {entry['count']}")

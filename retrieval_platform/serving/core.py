@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval_platform.encoder.model import DualEncoder, model_info
+from retrieval_platform.encoder.model import DualEncoder, Kind, Precision, model_info
 from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.store import (
     CatalogFilter,
@@ -25,7 +26,20 @@ Hit = dict[str, Any]  # product_id, title, score, shard, category, price, row
 HYBRID_DEPTH = 100  # candidates taken from each side before fusion
 
 
-def load_encoder_for(index_dir: str | Path) -> DualEncoder:
+@dataclass
+class IndexEncoder:
+    """The query encoder of one index version: its model, at its index's dimension."""
+
+    model: DualEncoder
+    dim: int | None  # a Matryoshka prefix when the index is smaller than the model
+
+    def encode(self, texts: list[str], kind: Kind = "query", precision: Precision = "fp32",
+               batch_size: int = 64) -> np.ndarray:
+        return self.model.encode(texts, kind, batch_size=batch_size, precision=precision,
+                                 dim=self.dim)
+
+
+def load_encoder_for(index_dir: str | Path) -> IndexEncoder:
     """The model an index was built with, checked against the index manifest."""
     manifest = load_manifest(index_dir)
     folder = manifest["model"]["path"]
@@ -33,7 +47,9 @@ def load_encoder_for(index_dir: str | Path) -> DualEncoder:
     if info["model_id"] != manifest["model"]["model_id"]:
         raise IndexLoadError(f"{index_dir}: built with {manifest['model']['model_id']}, but "
                              f"{folder} now holds {info['model_id']}")
-    return DualEncoder.from_pretrained(folder)
+    dim = manifest.get("dim")  # indexes written before Matryoshka support: the model's
+    return IndexEncoder(DualEncoder.from_pretrained(folder),
+                        dim if dim and dim < info["dim"] else None)
 
 
 def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
