@@ -1,6 +1,7 @@
-"""``retrieval-platform``: the end-to-end pipeline, version swaps, status and stop.
+"""``retrieval-platform``: the end-to-end pipeline, search, version swaps, status and stop.
 
     retrieval-platform pipeline --config configs/pipeline_synthetic.yaml
+    retrieval-platform search "cordless drill" [--k 10] [--mode hybrid] [--url URL] [--json]
     retrieval-platform swap --index runs/indexes/synthetic/v20261124-101500
     retrieval-platform status
     retrieval-platform stop
@@ -53,6 +54,41 @@ def _swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    """One query against a running endpoint (the HTTP API: what any client sends)."""
+    import requests
+
+    body: dict = {"query": args.query, "k": args.k, "mode": args.mode}
+    filters = {k: v for k, v in (("category", args.category), ("price_min", args.price_min),
+                                 ("price_max", args.price_max)) if v is not None}
+    if filters:
+        body["filters"] = filters
+    key = os.environ.get(args.api_key_env, "")
+    headers = {"X-API-Key": key} if key else {}
+    try:
+        r = requests.post(f"{args.url.rstrip('/')}/search", json=body, headers=headers,
+                          timeout=args.timeout)
+    except requests.RequestException as exc:
+        raise PlatformError(f"no answer from {args.url} ({type(exc).__name__}); is the "
+                            "Serve application running (`retrieval-platform status`)?") from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise PlatformError(f"HTTP {r.status_code}: {detail}")
+    data = r.json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"{len(data['results'])} results ({data['mode']}, index {data['version']}, "
+          f"model {data['model_id']}{', PARTIAL' if data.get('partial') else ''})")
+    for rank, hit in enumerate(data["results"], 1):
+        price = f"  ${hit['price']:.2f}" if hit.get("price") is not None else ""
+        print(f"{rank:>3}. {hit['score']:.4f}  {hit['product_id']}  {hit['title']}{price}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     serve_bin = str(Path(sys.executable).with_name("serve"))
@@ -78,6 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                                          "(synthetic, homedepot, esci, wands, canonical)")
     p.add_argument("--data-path", help="source folder for the preparation step")
     p.set_defaults(func=_pipeline)
+    q = sub.add_parser("search", help="send one query to a running endpoint")
+    q.add_argument("query")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense")
+    q.add_argument("--category")
+    q.add_argument("--price-min", type=float)
+    q.add_argument("--price-max", type=float)
+    q.add_argument("--url", default=os.environ.get("RP_URL", "http://127.0.0.1:8000"))
+    q.add_argument("--api-key-env", default="RP_API_KEY",
+                   help="environment variable holding the API key, if the app requires one")
+    q.add_argument("--timeout", type=float, default=30.0)
+    q.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    q.set_defaults(func=_search)
     s = sub.add_parser("swap", help="serve another index version without dropping requests")
     s.add_argument("--index", required=True, help="the new index version folder")
     s.add_argument("--app", default="retrieval")

@@ -3,6 +3,7 @@ errors are 4xx with a message, the API key, a version swap under load, a shard t
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -98,6 +99,25 @@ def test_http_results_equal_in_process_search(service, local, mode):
             assert data["version"] == "v1" and not data["partial"]
             if mode != "lexical":
                 assert data["shards"] == {"answered": [0, 1], "failed": []}
+
+
+def test_cli_search_returns_what_the_http_api_returns(service, monkeypatch, capsys):
+    from retrieval_platform.cli import main
+
+    client = service["client"]
+    monkeypatch.setenv("RP_API_KEY", API_KEY)
+    url = str(client.base_url)
+    assert main(["search", "red running shoes", "--k", "5", "--mode", "hybrid", "--url", url,
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = client.post("/search", json={"query": "red running shoes", "k": 5,
+                                            "mode": "hybrid"}).json()
+    assert _ids(printed["results"]) == _ids(expected["results"])
+    assert main(["search", "red running shoes", "--k", "3", "--url", url]) == 0
+    assert "1. " in capsys.readouterr().out
+    monkeypatch.delenv("RP_API_KEY")
+    assert main(["search", "shoes", "--url", url]) == 2  # 401: said, not a traceback
+    assert "HTTP 401" in capsys.readouterr().err
 
 
 def test_health_docs_and_openapi(service):
