@@ -12,18 +12,13 @@ from pathlib import Path
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
-    import psutil
+    """PIDs of the live Ray Train workers of the Ray cluster this process is connected to (its
+    state API: another Ray cluster on the same machine keeps its workers)."""
+    from ray.util.state import list_actors
 
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if cmdline.startswith("ray::RayTrainWorker"):
-            pids.append(proc.pid)
-    return pids
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return [a.pid for a in actors if a.pid]
 
 
 def registered_checkpoint(run_dir: str | Path) -> bool:
