@@ -14,10 +14,12 @@ from pathlib import Path
 def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train workers of the Ray cluster this process is connected to (its
     state API: another Ray cluster on the same machine keeps its workers)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this cluster only
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         detail=True, raise_on_missing_output=False)  # pid: a detail field
     return [a.pid for a in actors if a.pid]
 
 
