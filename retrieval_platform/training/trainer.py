@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
+from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, write_json
 from retrieval_platform.training.config import TrainConfig
@@ -55,6 +56,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
     if Path(cfg.model.init).exists():  # workers do not share this process's directory
         cfg.model.init = str(Path(cfg.model.init).absolute())
+    elif cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
+        backbone_spec(cfg.model.init).resolve()
     examples = build_examples(cfg)
     per_step = cfg.optim.batch_size * cfg.scaling.num_workers
     if examples.num_rows < per_step:
