@@ -187,8 +187,9 @@ def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
     c = gather_with_grad(c_local)  # (N, D)
     n_local = torch.tensor([c_local.shape[0]])
     q_local_n = torch.tensor([q_local.shape[0]])
-    c_start = torch.cumsum(gather_with_grad(n_local), 0) - gather_with_grad(n_local)  # (world,)
-    q_start = torch.cumsum(gather_with_grad(q_local_n), 0) - gather_with_grad(q_local_n)
+    c_sizes, q_sizes = gather_with_grad(n_local), gather_with_grad(q_local_n)  # (world,) each
+    c_start = torch.cumsum(c_sizes, 0) - c_sizes  # (world,) offsets: one gather each, not two
+    q_start = torch.cumsum(q_sizes, 0) - q_sizes
     # Global owner query and top positive of every candidate / query.
     owner_t = torch.tensor(owner, dtype=torch.long)
     owner_t = torch.where(owner_t >= 0, owner_t + q_start[rank], owner_t)
