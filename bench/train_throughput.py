@@ -1,11 +1,16 @@
 """Stage-1 training throughput, measured in one run on this machine, same model, data, global
-batch and loss (1 mined-style negative per pair):
+batch and loss (``--negatives`` mined-style negatives per pair):
 
-- Ray Train, the previous layout: ``--workers`` DDP workers with one CPU each, fp32;
+- Ray Train, ``--workers`` DDP workers with one CPU each, fp32, one padded forward pass per
+  kind of text (the layout before length bucketing);
+- the same with length-bucketed forward passes (``optim.length_bucket``);
+- the same with bf16 autocast (``optim.precision: auto`` resolves to it where the CPU has
+  AVX512-BF16 or AMX; elsewhere the row is skipped: emulated bf16 is much slower);
 - Ray Train, one worker holding every core (no gradient all-reduce between processes);
-- a plain single-process PyTorch loop, fp32 (and bf16 autocast with ``--bf16``).
+- a plain single-process PyTorch loop, fp32.
 
     python bench/train_throughput.py [--backbone minilm-l6] [--steps 20] [--global-batch 64]
+        [--prepared runs/data/homedepot]   (default: a generated 3,000-product catalog)
 
 Each runs 2·steps steps and measures samples/s (pairs per second) over the last ``steps`` (the
 first half warms up); ratios are to the first row.
@@ -24,6 +29,7 @@ from _setup import local_ray, synthetic_catalog
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import from_dict, to_dict
+from retrieval_platform.encoder.model import resolve_precision
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, sample_negatives
 from retrieval_platform.training.loop import _columns, _load_init, contrastive_step, lr_at
@@ -44,7 +50,8 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
         if step == warmup:
             start = time.perf_counter()
         lo = (step * global_batch) % max(1, examples.num_rows - global_batch)
-        batch = sample_negatives(_columns(examples.slice(lo, global_batch)), 1, rng)
+        batch = sample_negatives(_columns(examples.slice(lo, global_batch)),
+                                 cfg.data.hard_negatives, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -55,11 +62,13 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
     return steps * global_batch / (time.perf_counter() - start)
 
 
-def ray_train(base: TrainConfig, workers: int, cpus: int, global_batch: int) -> float:
+def ray_train(base: TrainConfig, workers: int, cpus: int, global_batch: int,
+              bucket: int = 0, precision: str = "fp32") -> float:
     cfg = from_dict(TrainConfig, to_dict(base))
+    cfg.optim.length_bucket, cfg.optim.precision = bucket, precision
     cfg.optim.batch_size = global_batch // workers
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, cpus / workers
-    cfg.run.name = f"bench-{workers}w"
+    cfg.run.name = f"bench-{workers}w-{bucket}-{precision}"
     return train(cfg).metrics["samples_per_s"]  # the last report: the second half
 
 
@@ -69,30 +78,35 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--bf16", action="store_true", help="also a bf16-autocast plain loop")
+    parser.add_argument("--negatives", type=int, default=1)
+    parser.add_argument("--prepared", help="a prepared dataset (default: a generated one)")
     parser.add_argument("--json")
     args = parser.parse_args()
     cpus = local_ray()
     tmp = synthetic_catalog(3000, "train-bench-")
+    prepared = args.prepared or f"{tmp}/data"
     cfg = from_dict(TrainConfig, {
         "model": {"init": args.backbone, "max_query_length": 24, "max_product_length": 48},
-        "data": {"prepared_dir": f"{tmp}/data", "hard_negatives": 1},
-        "optim": {"max_steps": 2 * args.steps, "warmup_steps": 2},
+        "data": {"prepared_dir": prepared, "hard_negatives": args.negatives},
+        "optim": {"max_steps": 2 * args.steps, "warmup_steps": 2, "length_bucket": 0},
         "run": {"storage_path": f"{tmp}/runs", "log_every": args.steps,
                 "checkpoint_every": 10**9, "max_failures": 0},
         "output_dir": f"{tmp}/model",
     })
-    examples = contrastive_examples(PreparedDataset(f"{tmp}/data"), hard_negatives=1)
+    examples = contrastive_examples(PreparedDataset(prepared), hard_negatives=args.negatives)
+    w, gb = args.workers, args.global_batch
     runs = {
-        f"ray_train_{args.workers}x1cpu_fp32": lambda: ray_train(cfg, args.workers, cpus,
-                                                                  args.global_batch),
-        f"ray_train_1x{cpus}cpu_fp32": lambda: ray_train(cfg, 1, cpus, args.global_batch),
-        f"plain_{cpus}threads_fp32": lambda: plain_loop(cfg, examples, args.global_batch,
-                                                        args.steps, args.steps, cpus),
+        f"ray_train_{w}x1cpu_fp32": lambda: ray_train(cfg, w, cpus, gb),
+        f"ray_train_{w}x1cpu_fp32_bucketed": lambda: ray_train(cfg, w, cpus, gb, 32),
     }
-    if args.bf16:  # without AVX512-BF16/AMX, bf16 autocast is emulated and much slower
-        runs[f"plain_{cpus}threads_bf16"] = lambda: plain_loop(
-            cfg, examples, args.global_batch, args.steps, args.steps, cpus, "bf16")
+    if resolve_precision("auto") == "bf16":  # emulated bf16 is much slower: not measured
+        runs[f"ray_train_{w}x1cpu_bf16_bucketed"] = lambda: ray_train(cfg, w, cpus, gb, 32,
+                                                                      "bf16")
+    runs |= {
+        f"ray_train_1x{cpus}cpu_fp32": lambda: ray_train(cfg, 1, cpus, gb),
+        f"plain_{cpus}threads_fp32": lambda: plain_loop(cfg, examples, gb, args.steps,
+                                                        args.steps, cpus),
+    }
     rows = {}
     for name, run in runs.items():
         rows[name] = run()

@@ -24,8 +24,9 @@ from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
 from retrieval_platform.io import write_json
 from retrieval_platform.metrics import aggregate, per_query_metrics
+from retrieval_platform.retrievers import Hits
 from retrieval_platform.retrievers.bm25 import BM25Retriever
-from retrieval_platform.retrievers.hybrid import RRF_K, rrf_fuse
+from retrieval_platform.retrievers.hybrid import Fusion, fuse, minmax_bounds, normalise
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class EvaluateConfig:
     split: str = "dev"
     models: dict[str, str] = field(default_factory=dict)  # system name -> model folder / backbone
     bm25: bool = True
-    hybrid: list[str] = field(default_factory=list)  # dense systems fused with BM25 (RRF)
+    hybrid: list[str] = field(default_factory=list)  # dense systems fused with BM25
+    # each fusion of each hybrid is one system: "hybrid(NAME+bm25)" for RRF with k = 60,
+    # "hybrid(NAME+bm25,convex0.3)" for convex fusion with α = 0.3, ...
+    fusions: list[Fusion] = field(default_factory=lambda: [Fusion()])
     depth: int = 100  # retrieved per query and per system
     max_queries: int | None = None  # a seeded sample of the split's judged queries
     seed: int = 0
@@ -51,10 +55,19 @@ class EvaluateConfig:
 
 @dataclass
 class _Ranked:
-    rankings: dict[str, list[str]]
+    hits: dict[str, Hits]  # query -> its top-depth (product, score), best first
     judged_scores: dict[str, dict[str, float]]
     full_ranks: dict[str, dict[str, int]]  # query -> judged product -> rank in the whole corpus
     seconds: float
+
+    @property
+    def rankings(self) -> dict[str, list[str]]:
+        return {q: [p for p, _ in hits] for q, hits in self.hits.items()}
+
+
+def hybrid_name(system: str, fusion: Fusion) -> str:
+    suffix = "" if fusion == Fusion() else f",{fusion.label}"
+    return f"hybrid({system}+bm25{suffix})"
 
 
 def _embed(name: str, model: str, ds: PreparedDataset, qtexts: list[str],
@@ -75,17 +88,17 @@ def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
            qrels: dict[str, dict[str, float]], depth: int, seconds: float) -> _Ranked:
     started = time.perf_counter()
     pos = {p: i for i, p in enumerate(ids)}
-    _, I = search_index(build_index(xb, IndexParams()), xq, depth, IndexParams())
-    rankings, judged_scores, full_ranks = {}, {}, {}
+    D, I = search_index(build_index(xb, IndexParams()), xq, depth, IndexParams())
+    hits, judged_scores, full_ranks = {}, {}, {}
     for qi, qid in enumerate(qids):
-        rankings[qid] = [ids[i] for i in I[qi] if i >= 0]
+        hits[qid] = [(ids[i], float(d)) for d, i in zip(D[qi], I[qi], strict=True) if i >= 0]
         judged = [p for p in qrels[qid] if p in pos]
         all_scores = xb @ xq[qi]  # (n,)
         s = all_scores[[pos[p] for p in judged]]
         judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
         full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
                                                                               strict=True)}
-    return _Ranked(rankings, judged_scores, full_ranks, seconds + time.perf_counter() - started)
+    return _Ranked(hits, judged_scores, full_ranks, seconds + time.perf_counter() - started)
 
 
 def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
@@ -95,29 +108,39 @@ def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
     ids = products["product_id"].to_pylist()
     pos = {p: i for i, p in enumerate(ids)}
     bm25 = BM25Retriever(ids, products["text"].to_pylist())
-    hits = bm25.search(qtexts, depth)
-    rankings, judged_scores, full_ranks = {}, {}, {}
+    found = bm25.search(qtexts, depth)
+    hits, judged_scores, full_ranks = {}, {}, {}
     for qi, qid in enumerate(qids):
-        rankings[qid] = [p for p, _ in hits[qi]]
+        hits[qid] = [(p, float(score)) for p, score in found[qi]]
         judged = [p for p in qrels[qid] if p in pos]
         all_scores = bm25.all_scores(qtexts[qi])
         s = all_scores[[pos[p] for p in judged]]
         judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
         full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
                                                                               strict=True)}
-    return _Ranked(rankings, judged_scores, full_ranks, time.perf_counter() - started)
+    return _Ranked(hits, judged_scores, full_ranks, time.perf_counter() - started)
 
 
-def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int) -> _Ranked:
-    rankings, judged_scores = {}, {}
-    for qid in dense.rankings:
-        rankings[qid] = [p for p, _ in rrf_fuse([dense.rankings[qid], lexical.rankings[qid]],
-                                                depth)]
-        judged_scores[qid] = {
-            p: 1 / (RRF_K + dense.full_ranks[qid][p]) + 1 / (RRF_K + lexical.full_ranks[qid][p])
-            for p in dense.full_ranks[qid]
-        }
-    return _Ranked(rankings, judged_scores, {}, dense.seconds + lexical.seconds)
+def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int, fusion: Fusion) -> _Ranked:
+    """The served fusion (``retrievers.hybrid.fuse``) of the two top-depth lists; judged
+    products are scored by the same function of their full-corpus ranks (RRF) or scores
+    normalised with the lists' bounds (convex), for grade-order accuracy."""
+    hits, judged_scores = {}, {}
+    for qid in dense.hits:
+        hits[qid] = fuse(dense.hits[qid], lexical.hits[qid], depth, fusion)
+        if fusion.method == "rrf":
+            judged_scores[qid] = {
+                p: 1 / (fusion.rrf_k + dense.full_ranks[qid][p])
+                + 1 / (fusion.rrf_k + lexical.full_ranks[qid][p])
+                for p in dense.full_ranks[qid]}
+        else:
+            a = fusion.dense_weight
+            bd, bl = minmax_bounds(dense.hits[qid]), minmax_bounds(lexical.hits[qid])
+            judged_scores[qid] = {
+                p: a * float(normalise(s, bd))
+                + (1 - a) * float(normalise(lexical.judged_scores[qid][p], bl))
+                for p, s in dense.judged_scores[qid].items()}
+    return _Ranked(hits, judged_scores, {}, dense.seconds + lexical.seconds)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -153,7 +176,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.bm25:
             ranked["bm25"] = lexical
         for name in cfg.hybrid:
-            ranked[f"hybrid({name}+bm25)"] = _hybrid(ranked[name], lexical, cfg.depth)
+            for fusion in cfg.fusions:
+                ranked[hybrid_name(name, fusion)] = _hybrid(ranked[name], lexical, cfg.depth,
+                                                            fusion)
 
     scale = ds.scale
     per_query = {

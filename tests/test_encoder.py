@@ -18,6 +18,7 @@ from retrieval_platform.encoder.model import (
     model_info,
     pool,
     resolve_model_folder,
+    resolve_precision,
 )
 from retrieval_platform.errors import PlatformError
 
@@ -57,6 +58,35 @@ def test_embed_has_gradients_and_matches_encode(tiny):
     assert vec.requires_grad
     np.testing.assert_allclose(vec.detach().numpy(), tiny.encode(["red kettle"], "query"),
                                atol=1e-6)
+
+
+def test_length_bucketed_embedding_equals_one_padded_pass(tiny):
+    """Training embeds a step's texts sorted by length in chunks: same vectors, same order,
+    same gradients as one padded pass, with less padding computed."""
+    from retrieval_platform.training.loop import embed_bucketed
+
+    texts = ["a very long stainless steel electric kettle name with many words", "kettle",
+             "red shoes", "a", "blue cordless drill 18v with two batteries", "lamp"]
+    one = tiny.embed(texts, "product")
+    bucketed = embed_bucketed(tiny, tiny, texts, "product", bucket=2)
+    assert_close(bucketed, one, atol=1e-5, rtol=1e-5)
+    weight = tiny.backbone.get_input_embeddings().weight
+    grad_one = torch.autograd.grad(one[:, 0].sum(), weight)[0]
+    grad_bucketed = torch.autograd.grad(bucketed[:, 0].sum(), weight)[0]
+    assert_close(grad_bucketed, grad_one, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_precision_is_bf16_only_where_it_runs_natively(monkeypatch):
+    from retrieval_platform.encoder import model as model_module
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(model_module, "native_bf16", lambda device="cpu": False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(model_module, "native_bf16", lambda device="cpu": True)
+    assert resolve_precision("auto") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8")
 
 
 def test_save_load_roundtrip_and_integrity(tiny, tmp_path):

@@ -129,6 +129,26 @@ def test_build_index_publishes_a_verifiable_version(built_index):
     assert all(h["price"] <= 20.0 for h in cheap)
 
 
+def test_hybrid_requests_use_the_index_versions_fusion(built_index):
+    """The manifest records the fusion (RRF by default); hybrid answers are exactly
+    ``retrievers.hybrid.fuse`` of the dense and lexical lists, convex fusion included."""
+    from retrieval_platform.retrievers.hybrid import Fusion, fuse
+    from retrieval_platform.serving.core import LocalSearcher
+
+    root, manifest = built_index
+    assert manifest["fusion"] == {"method": "rrf", "dense_weight": 0.5, "rrf_k": 60}
+    searcher = LocalSearcher(root / "indexes" / "v1")
+    assert searcher.fusion == Fusion()
+    searcher.fusion = Fusion("convex", dense_weight=0.7)
+    dense = searcher.search("red kettle", k=100)
+    lexical = searcher.search("red kettle", k=100, mode="lexical")
+    want = fuse([(h["product_id"], h["score"]) for h in dense],
+                [(h["product_id"], h["score"]) for h in lexical], 10, searcher.fusion)
+    got = searcher.search("red kettle", k=10, mode="hybrid")
+    assert [h["product_id"] for h in got] == [p for p, _ in want]
+    assert [h["score"] for h in got] == pytest.approx([s for _, s in want])
+
+
 def test_a_matryoshka_index_serves_the_first_dims(built_index):
     """dim = 16 of the tiny model's 64: the index holds the renormalised prefixes, queries are
     encoded the same way, and the answer equals brute force over those prefixes."""

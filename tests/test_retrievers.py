@@ -9,7 +9,7 @@ from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.index.faiss_ops import brute_force_topk
 from retrieval_platform.retrievers.bm25 import BM25Retriever
 from retrieval_platform.retrievers.dense import DenseRetriever
-from retrieval_platform.retrievers.hybrid import HybridRetriever, rrf_fuse
+from retrieval_platform.retrievers.hybrid import Fusion, HybridRetriever, fuse, rrf_fuse
 
 IDS = ["p1", "p2", "p3", "p4"]
 TEXTS = ["Red running shoes for men", "Blue electric kettle, stainless steel",
@@ -43,6 +43,25 @@ def test_rrf_by_hand():
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
     assert fused[2][1] == pytest.approx(1 / 63)
     assert rrf_fuse([["a"], ["b"]], k=5, weights=[1.0, 2.0])[0][0] == "b"
+
+
+def test_convex_fusion_by_hand():
+    """Dense scores 0.9/0.7/0.5 normalise to 1/0.5/0; BM25 12/4 to 1/0. With α = 0.25:
+    a: .25·1 + .75·0 = .25; b: .25·.5 + .75·1 = .875; c: .25·0 = 0 (absent from BM25)."""
+    dense = [("a", 0.9), ("b", 0.7), ("c", 0.5)]
+    lexical = [("b", 12.0), ("a", 4.0)]
+    fused = fuse(dense, lexical, k=3, fusion=Fusion("convex", dense_weight=0.25))
+    assert [p for p, _ in fused] == ["b", "a", "c"]
+    assert [s for _, s in fused] == pytest.approx([0.875, 0.25, 0.0])
+    # α = 1 is the dense ranking, α = 0 the lexical one (then the dense-only ids, all 0)
+    assert [p for p, _ in fuse(dense, lexical, 3, Fusion("convex", 1.0))] == ["a", "b", "c"]
+    assert [p for p, _ in fuse(dense, lexical, 2, Fusion("convex", 0.0))] == ["b", "a"]
+    # one hit, or an empty side: no division by zero
+    assert fuse([("a", 0.3)], [], 2, Fusion("convex", 0.5)) == [("a", 0.5)]
+    # the default is RRF with k = 60
+    assert fuse(dense, lexical, 3) == rrf_fuse([["a", "b", "c"], ["b", "a"]], 3)
+    with pytest.raises(ValueError, match="dense_weight"):
+        Fusion("convex", 1.5)
 
 
 def test_dense_matches_brute_force_and_hybrid_fuses():

@@ -44,7 +44,7 @@ SETTINGS_FILE = "retrieval_platform.json"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 Kind = Literal["query", "product"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "auto"]
 
 # Bidirectional encoders pool by mean; everything else (decoder LLMs) by last token.
 ENCODER_MODEL_TYPES = frozenset({
@@ -65,6 +65,27 @@ class EncoderSettings:
     max_query_length: int = 32
     max_product_length: int = 128
     base: str = ""  # the backbone this model started from
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matrix products run natively here: a CUDA device, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere PyTorch emulates them and bf16 is several times slower."""
+    if device == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell cheaply, so stay with fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> Literal["fp32", "bf16"]:
+    """``auto`` is bf16 where it runs natively (:func:`native_bf16`), fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
+    return precision  # type: ignore[return-value]
 
 
 def quiet_transformers() -> None:
@@ -162,11 +183,13 @@ class DualEncoder(nn.Module):
         ``dim``, the first ``dim`` dimensions renormalised (a Matryoshka-trained model).
 
         ``precision="bf16"`` runs the backbone under bfloat16 autocast: about 1.9x faster for
-        SmolLM2 on an AVX512-BF16 CPU, cosine >= 0.998 to fp32 (bench/encode.py).
+        SmolLM2 on an AVX512-BF16 CPU, cosine >= 0.998 to fp32 (bench/encode.py); ``auto``
+        takes bf16 only where it runs natively.
         """
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        precision = resolve_precision(precision, device.type)
         try:
             width = self.dim if dim is None else min(dim, self.dim)
             out = np.empty((len(texts), width), dtype=np.float32)

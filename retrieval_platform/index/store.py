@@ -44,6 +44,7 @@ from retrieval_platform.index.faiss_ops import (
 )
 from retrieval_platform.io import publish_dir, read_json, sha256_file, write_json
 from retrieval_platform.retrievers.bm25 import BM25Retriever
+from retrieval_platform.retrievers.hybrid import Fusion
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class BuildIndexConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     # Matryoshka: index (and encode queries with) the first `dim` dimensions; null: all of them
     dim: int | None = None
+    # how hybrid requests fuse the dense and BM25 lists (evaluation picks it on dev)
+    fusion: Fusion = field(default_factory=Fusion)
 
 
 def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
@@ -114,6 +117,7 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
             "num_products": len(xb),
             "shards": shards,
             "bm25": bm25_files,
+            "fusion": asdict(cfg.fusion),
             "config": to_dict(cfg),
             "wall_seconds": round(time.perf_counter() - started, 2),
         }

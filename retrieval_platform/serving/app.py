@@ -23,7 +23,7 @@ class EncoderArgs(BaseModel):
     cpus: float = Field(0.5, gt=0)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     threads: int | None = Field(None, ge=1, description="torch threads per replica (Ray sets "
                                 "one thread for a fractional CPU; more helps on idle cores)")
 
@@ -68,7 +68,8 @@ def version_configs(manifest: dict[str, Any], versions: dict[str, str] | None = 
     """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
     version, with ``versions`` (name -> folder) loaded (default: just that one)."""
     loaded = {"versions": versions or {manifest["version"]: manifest["path"]}}
-    active = {"active": manifest["version"], "model_id": manifest["model"]["model_id"]}
+    active = {"active": manifest["version"], "model_id": manifest["model"]["model_id"],
+              "fusion": manifest.get("fusion") or {}}
     return loaded, active
 
 

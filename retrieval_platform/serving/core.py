@@ -20,7 +20,7 @@ from retrieval_platform.index.store import (
     load_shard,
 )
 from retrieval_platform.retrievers.bm25 import BM25Retriever
-from retrieval_platform.retrievers.hybrid import rrf_fuse
+from retrieval_platform.retrievers.hybrid import Fusion, fuse
 
 Hit = dict[str, Any]  # product_id, title, score, shard, category, price, row
 HYBRID_DEPTH = 100  # candidates taken from each side before fusion
@@ -95,11 +95,19 @@ def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
     return out
 
 
-def fuse_hits(dense: list[Hit], lexical: list[Hit], k: int) -> list[Hit]:
-    """Hybrid: reciprocal-rank fusion of the dense and lexical lists; score = RRF score."""
+def fuse_hits(dense: list[Hit], lexical: list[Hit], k: int,
+              fusion: Fusion | None = None) -> list[Hit]:
+    """Hybrid: the index's fusion (``retrievers.hybrid.fuse``, RRF by default) of the dense and
+    lexical lists; score = the fused score."""
     first = {h["product_id"]: h for h in lexical} | {h["product_id"]: h for h in dense}
-    fused = rrf_fuse([[h["product_id"] for h in dense], [h["product_id"] for h in lexical]], k)
+    fused = fuse([(h["product_id"], h["score"]) for h in dense],
+                 [(h["product_id"], h["score"]) for h in lexical], k, fusion)
     return [first[p] | {"score": score} for p, score in fused]
+
+
+def fusion_of(manifest: dict[str, Any]) -> Fusion:
+    """The hybrid fusion an index version was built for (indexes without one: RRF)."""
+    return Fusion(**(manifest.get("fusion") or {}))
 
 
 class LocalSearcher:
@@ -110,6 +118,7 @@ class LocalSearcher:
         self.encoder = load_encoder_for(index_dir)
         self.shards = [load_shard(index_dir, s["id"]) for s in self.manifest["shards"]]
         self.bm25 = load_bm25(index_dir) if self.manifest.get("bm25") else None
+        self.fusion = fusion_of(self.manifest)
 
     def search(self, query: str, k: int = 10, mode: str = "dense",
                filters: dict[str, Any] | None = None) -> list[Hit]:
@@ -128,4 +137,4 @@ class LocalSearcher:
             return dense[:k]
         if mode == "lexical":
             return lexical[:k]
-        return fuse_hits(dense, lexical, k)
+        return fuse_hits(dense, lexical, k, self.fusion)

@@ -27,6 +27,7 @@ from retrieval_platform.serving import guard
 from retrieval_platform.serving.core import (
     HYBRID_DEPTH,
     fuse_hits,
+    fusion_of,
     lexical_hits,
     load_encoder_for,
     merge_hits,
@@ -178,12 +179,14 @@ class Ingress:
         self.timeout_s = timeout_s
         self.active = ""
         self.model_id = ""
+        self.fusion = fusion_of({})
         self.requests = Counter("rp_requests_total", description="search requests",
                                 tag_keys=("mode", "status"))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.active = user_config["active"]
         self.model_id = user_config.get("model_id", "")
+        self.fusion = fusion_of(user_config)  # the active version's hybrid fusion
 
     async def _call(self, response: Any) -> Any:
         return await asyncio.wait_for(response, timeout=self.timeout_s)
@@ -248,7 +251,7 @@ class Ingress:
         elif request.mode == "lexical":
             hits = lexical[: request.k]
         else:
-            hits = fuse_hits(dense, lexical, request.k)
+            hits = fuse_hits(dense, lexical, request.k, self.fusion)
         timings["total"] = (time.perf_counter() - started) * 1000
         self.requests.inc(tags={"mode": request.mode, "status": "200"})
         return SearchResponse(

@@ -40,7 +40,12 @@ class OptimConfig:
     max_steps: int = 200
     batch_size: int = 32  # per worker: queries (stage 1: pairs)
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CPUs with AVX512-BF16, GPUs)
+    # bf16 autocast of the backbone (scores and losses stay fp32); auto: bf16 where it runs
+    # natively (AVX512-BF16 / AMX CPUs, GPUs), since emulated bf16 is several times slower
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # texts per forward pass: a step's texts are sorted by length and embedded in chunks this
+    # size, each padded only to its own longest text (same loss, less padding); 0: one pass
+    length_bucket: int = 32
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.lora import add_lora
-from retrieval_platform.encoder.model import DualEncoder, truncate
+from retrieval_platform.encoder.model import DualEncoder, resolve_precision, truncate
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 from retrieval_platform.training.config import TrainConfig
@@ -135,12 +135,29 @@ def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: 
     return sum(o.loss for o in outs) * world, outs[0]  # metrics: the full dimension
 
 
+def embed_bucketed(model: DualEncoder, forward: Any, texts: list[str], kind: str,
+                   bucket: int) -> torch.Tensor:
+    """(N, D) embeddings with gradients, in ``texts``' order: the texts sorted by length and
+    embedded ``bucket`` at a time, each chunk padded only to its own longest text. The vectors
+    (and so the loss) equal one padded pass's; the padding, most of a batch of short product
+    titles next to a few long ones, is not computed. ``bucket`` 0: one pass."""
+    if not bucket or len(texts) <= bucket:
+        return forward(**model.tokenize(texts, kind))  # (N, D)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts = [forward(**model.tokenize([texts[i] for i in order[lo : lo + bucket]], kind))
+             for lo in range(0, len(texts), bucket)]
+    inverse = torch.empty(len(texts), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(texts))
+    return torch.cat(parts)[inverse]  # (N, D)
+
+
 def contrastive_step(model: DualEncoder, forward: Any, batch: dict[str, list],
                      cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 1–3 on one batch of pairs; candidates = all positives and negatives of all workers."""
     texts = list(batch["pos_text"]) + [t for negs in batch["neg_texts"] for t in negs]
-    q_local = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (B, D)
-    c_local = forward(**model.tokenize(texts, "product"))  # (B + ΣH, D)
+    bucket = cfg.optim.length_bucket
+    q_local = embed_bucketed(model, forward, list(batch["query_text"]), "query", bucket)  # (B, D)
+    c_local = embed_bucketed(model, forward, texts, "product", bucket)  # (B + ΣH, D)
     keys = torch.tensor(list(batch["pos_key"]) + [k for ks in batch["neg_keys"] for k in ks])
     groups = torch.tensor(list(batch["pos_group_key"])
                           + [k for ks in batch["neg_group_keys"] for k in ks])
@@ -178,8 +195,9 @@ def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
             groups += batch["extra_group_keys"][i]
             owner += [-1] * extras[i]
             grade += [0.0] * extras[i]
-    q_local = forward(**model.tokenize(list(batch["query_text"]), "query"))  # (Q, D)
-    c_local = forward(**model.tokenize(texts, "product"))  # (N_local, D)
+    bucket = cfg.optim.length_bucket
+    q_local = embed_bucketed(model, forward, list(batch["query_text"]), "query", bucket)  # (Q, D)
+    c_local = embed_bucketed(model, forward, texts, "product", bucket)  # (N_local, D)
     starts_local = np.concatenate([[0], np.cumsum(np.add(counts, extras))[:-1]])
     top = [int(starts_local[i]) + t if t >= 0 else -1 for i, t in enumerate(batch["top_index"])]
 
@@ -329,6 +347,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     forward = ray.train.torch.prepare_model(model)  # DDP across workers (gloo on CPU)
     device = next(model.parameters()).device
     run_step = STEPS[cfg.stage]
+    bf16 = resolve_precision(cfg.optim.precision, device.type) == "bf16"
     shard = ray.train.get_dataset_shard("train")
 
     def report(metrics: dict[str, float], save: bool) -> None:
@@ -378,8 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 columns |= {k: [[] for _ in columns["query_text"]]
                             for k in ("neg_texts", "neg_keys", "neg_group_keys")}
             # bf16 autocast covers the backbone; scores and losses run in float32 (losses/).
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=cfg.optim.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, metrics = run_step(model, forward, columns, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
