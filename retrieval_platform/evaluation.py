@@ -1,9 +1,10 @@
-"""Evaluation with full-corpus retrieval: dense models, BM25 and hybrid (RRF) on one split.
+"""Evaluation with full-corpus retrieval: dense models, BM25 and hybrids on one split.
 
 Every product of the prepared catalog is embedded (Ray Data) and searched exactly (FAISS flat),
 so the numbers are those of the deployed system, not of a re-ranking of judged products.
 Grade-order accuracy is computed on the judged products of each query: dense scores are cosine
-similarities, BM25 scores are BM25's, hybrid scores are the RRF scores from full-corpus ranks.
+similarities, BM25 scores are BM25's, hybrid scores are the served fusion's
+(``retrievers.hybrid``): RRF of full-corpus ranks, or the convex mix of normalised scores.
 """
 
 from __future__ import annotations

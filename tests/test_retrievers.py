@@ -1,15 +1,12 @@
-"""BM25 (bm25s), dense (FAISS) and hybrid (RRF) retrievers behind one interface."""
+"""BM25 (bm25s) and the hybrid fusions (RRF, convex) that evaluation and serving share."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval_platform.encoder.model import DualEncoder
-from retrieval_platform.index.faiss_ops import brute_force_topk
 from retrieval_platform.retrievers.bm25 import BM25Retriever
-from retrieval_platform.retrievers.dense import DenseRetriever
-from retrieval_platform.retrievers.hybrid import Fusion, HybridRetriever, fuse, rrf_fuse
+from retrieval_platform.retrievers.hybrid import Fusion, fuse, rrf_fuse
 
 IDS = ["p1", "p2", "p3", "p4"]
 TEXTS = ["Red running shoes for men", "Blue electric kettle, stainless steel",
@@ -62,19 +59,3 @@ def test_convex_fusion_by_hand():
     assert fuse(dense, lexical, 3) == rrf_fuse([["a", "b", "c"], ["b", "a"]], 3)
     with pytest.raises(ValueError, match="dense_weight"):
         Fusion("convex", 1.5)
-
-
-def test_dense_matches_brute_force_and_hybrid_fuses():
-    encoder = DualEncoder.from_pretrained("tiny")
-    vectors = encoder.encode(TEXTS, "product")
-    dense = DenseRetriever(encoder, IDS, vectors)
-    hits = dense.search(["red shoes", "kettle"], k=3)
-    xq = encoder.encode(["red shoes", "kettle"], "query")
-    D, I = brute_force_topk(xq, vectors, 3)
-    assert [[p for p, _ in h] for h in hits] == [[IDS[i] for i in row] for row in I]
-    np.testing.assert_allclose([[s for _, s in h] for h in hits], D, atol=1e-5)
-    np.testing.assert_allclose(dense.score("kettle", IDS), vectors @ xq[1], atol=1e-5)
-    hybrid = HybridRetriever([dense, BM25Retriever(IDS, TEXTS)], depth=4)
-    fused = hybrid.search(["kettle"], k=4)[0]
-    assert len(fused) == 4 and fused[0][1] >= fused[-1][1]
-    assert hybrid.score("kettle", IDS).shape == (4,)

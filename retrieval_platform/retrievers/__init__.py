@@ -1,22 +1,8 @@
-"""Retrievers behind one interface, so that evaluation and fusion treat them alike.
-
-``search(queries, k)`` returns, per query, ``(product_id, score)`` pairs best first;
-``score(query, product_ids)`` scores given products (for grade-order accuracy).
+"""Retrieval pieces shared by evaluation and serving, so that the numbers we report are the
+numbers we serve: BM25 (``bm25``, bm25s) and the hybrid fusion (``hybrid``). Dense search is
+FAISS (``index.faiss_ops``). A result list is ``Hits``: ``(product_id, score)`` best first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
-
-import numpy as np
-
 Hits = list[tuple[str, float]]
-
-
-class Retriever(Protocol):
-    name: str
-
-    def search(self, queries: Sequence[str], k: int) -> list[Hits]: ...
-
-    def score(self, query: str, product_ids: Sequence[str]) -> np.ndarray: ...

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from retrieval_platform.retrievers import Hits, Retriever
+from retrieval_platform.retrievers import Hits
 
 RRF_K = 60
 
@@ -85,31 +85,3 @@ def fuse(dense: Hits, lexical: Hits, k: int, fusion: Fusion | None = None) -> Hi
 def _top(fused: dict[str, float], k: int) -> Hits:
     # Ties broken by id, so that the fused order is deterministic.
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-
-
-class HybridRetriever:
-    name = "hybrid"
-
-    def __init__(self, retrievers: Sequence[Retriever], *, depth: int = 100,
-                 rrf_k: int = RRF_K) -> None:
-        self.retrievers = list(retrievers)
-        self.depth = depth
-        self.rrf_k = rrf_k
-
-    def search(self, queries: Sequence[str], k: int) -> list[Hits]:
-        per = [r.search(queries, max(k, self.depth)) for r in self.retrievers]
-        return [
-            rrf_fuse([[p for p, _ in hits[q]] for hits in per], k, rrf_k=self.rrf_k)
-            for q in range(len(queries))
-        ]
-
-    def score(self, query: str, product_ids: Sequence[str]) -> np.ndarray:
-        """Fused score of given products: each retriever ranks them among themselves."""
-        ranks = []
-        for r in self.retrievers:
-            s = r.score(query, product_ids)
-            order = np.argsort(-s, kind="stable")
-            rank = np.empty(len(s))
-            rank[order] = np.arange(1, len(s) + 1)
-            ranks.append(rank)
-        return np.sum([1.0 / (self.rrf_k + r) for r in ranks], axis=0)
