@@ -186,3 +186,14 @@ def test_lora_trains_adapters_only_and_exports_a_plain_merged_folder(prepared, t
     changed = {k for k in init if not torch.equal(init[k], trained[k])}
     assert changed and all(k.endswith("proj.weight") for k in changed)  # only adapted matrices
     assert "embed_tokens.weight" not in changed
+
+
+def test_a_stage_job_refuses_a_config_of_the_other_stage(tmp_path):
+    """The config's ``stage`` is the one source of truth: the ROAR job does not retarget a
+    stage-1 config, it says which job runs it."""
+    from retrieval_platform.errors import PlatformError
+    from retrieval_platform.training.trainer import stage_job
+
+    cfg = from_dict(TrainConfig, {"stage": "contrastive", "output_dir": str(tmp_path / "m")})
+    with pytest.raises(PlatformError, match="run it with train_jobs.contrastive"):
+        stage_job("roar")(cfg)

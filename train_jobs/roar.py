@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 
+from retrieval_platform.jobs import job_main
 from retrieval_platform.training.config import TrainConfig
-from retrieval_platform.training.trainer import stage_main
+from retrieval_platform.training.trainer import stage_job
 
 CONFIG = TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("roar", argv, __doc__)
+    return job_main("train_roar", CONFIG, stage_job("roar"), argv, __doc__)
 
 
 if __name__ == "__main__":

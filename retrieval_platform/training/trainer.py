@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,14 +107,19 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 
-def stage_main(stage: str, argv: list[str] | None, description: str) -> int:
-    """The ``main`` of both stage jobs: the job fixes the stage, the config gives the rest."""
-    from retrieval_platform.jobs import job_main
+JOB_OF_STAGE = {"contrastive": "train_jobs.contrastive", "roar": "train_jobs.roar"}
+
+
+def stage_job(stage: str) -> Callable[[TrainConfig], dict[str, Any]]:
+    """The body of one stage's job. The config's ``stage`` is the one source of truth; a job
+    refuses a config written for the other stage instead of silently retargeting it."""
 
     def body(cfg: TrainConfig) -> dict[str, Any]:
-        cfg.stage = stage
+        if cfg.stage != stage:
+            raise PlatformError(f"this config trains stage {cfg.stage!r}: run it with "
+                                f"{JOB_OF_STAGE[cfg.stage]}, not {JOB_OF_STAGE[stage]}")
         result = train(cfg)
         return {"model_dir": str(result.model_dir), "checkpoint": result.checkpoint_path,
                 "metrics": result.metrics}
 
-    return job_main(f"train_{stage}", TrainConfig, body, argv, description)
+    return body
