@@ -19,7 +19,8 @@ from retrieval_platform.catalog.sources import RECORD
 from retrieval_platform.catalog.validate import RowValidator
 from retrieval_platform.config import from_dict
 
-# The long run (bench/fuzz_catalog.sh sets it) explores more; CI keeps the default short.
+# A longer run explores more (RP_FUZZ_PREPARE_EXAMPLES=200 ./test.sh tests/test_catalog_fuzz.py);
+# CI keeps the default short.
 PREPARE_EXAMPLES = int(os.environ.get("RP_FUZZ_PREPARE_EXAMPLES", "5"))
 
 int64 = st.integers(-(2**63), 2**63 - 1)

@@ -195,5 +195,5 @@ def test_a_stage_job_refuses_a_config_of_the_other_stage(tmp_path):
     from retrieval_platform.training.trainer import stage_job
 
     cfg = from_dict(TrainConfig, {"stage": "contrastive", "output_dir": str(tmp_path / "m")})
-    with pytest.raises(PlatformError, match="run it with train_jobs.contrastive"):
+    with pytest.raises(PlatformError, match=r"run it with train_jobs\.contrastive"):
         stage_job("roar")(cfg)

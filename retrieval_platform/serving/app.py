@@ -63,6 +63,15 @@ class AppArgs(BaseModel):
         return self
 
 
+# Deployment names: the Serve config's overrides and the version swap (control.py) address
+# deployments by these.
+ENCODER, LEXICAL, INGRESS = "QueryEncoder", "Lexical", "Ingress"
+
+
+def shard_name(i: int) -> str:
+    return f"Shard_{i}"
+
+
 def version_configs(manifest: dict[str, Any], versions: dict[str, str] | None = None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
@@ -105,23 +114,23 @@ def build_app(args: AppArgs) -> Application:
     loaded, active = version_configs(manifest)
     e = args.encoder
     encoder = QueryEncoder.options(
-        name="QueryEncoder", user_config=loaded, ray_actor_options={"num_cpus": e.cpus},
+        name=ENCODER, user_config=loaded, ray_actor_options={"num_cpus": e.cpus},
         # Serve's default of 5 ongoing requests would cap every batch at 5 queries.
         max_ongoing_requests=2 * e.max_batch_size,
         autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
                             "target_ongoing_requests": e.target_ongoing_requests},
     ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision, e.threads)
     shards = [
-        IndexShard.options(name=f"Shard_{i}", num_replicas=args.shard_replicas, user_config=loaded,
+        IndexShard.options(name=shard_name(i), num_replicas=args.shard_replicas, user_config=loaded,
                            max_ongoing_requests=args.max_ongoing_requests,
                            ray_actor_options={"num_cpus": args.shard_cpus}).bind(i)
         for i in range(len(manifest["shards"]))
     ]
-    lexical = (LexicalIndex.options(name="Lexical", user_config=loaded,
+    lexical = (LexicalIndex.options(name=LEXICAL, user_config=loaded,
                                     ray_actor_options={"num_cpus": args.lexical_cpus}).bind()
                if args.lexical else None)
     return Ingress.options(
-        name="Ingress", num_replicas=args.ingress_replicas, user_config=active,
+        name=INGRESS, num_replicas=args.ingress_replicas, user_config=active,
         max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
     ).bind(encoder, shards, lexical, api_key=api_key, max_body_bytes=args.max_body_bytes,

@@ -22,7 +22,14 @@ import yaml
 
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.store import load_manifest, load_shard
-from retrieval_platform.serving.app import AppArgs, version_configs
+from retrieval_platform.serving.app import (
+    ENCODER,
+    INGRESS,
+    LEXICAL,
+    AppArgs,
+    shard_name,
+    version_configs,
+)
 from retrieval_platform.serving.core import load_encoder_for
 
 log = logging.getLogger(__name__)
@@ -64,8 +71,8 @@ def deployed_config() -> dict:
 
 def _backends(app: dict) -> list[str]:
     manifest = load_manifest(app["args"]["index"])
-    names = ["QueryEncoder", *(f"Shard_{i}" for i in range(len(manifest["shards"])))]
-    return [*names, "Lexical"] if app["args"].get("lexical", True) else names
+    names = [ENCODER, *(shard_name(i) for i in range(len(manifest["shards"])))]
+    return [*names, LEXICAL] if app["args"].get("lexical", True) else names
 
 
 def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:
@@ -75,15 +82,15 @@ def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:
     overrides = {d["name"]: d for d in app.get("deployments") or []}
     for name in _backends(app):
         overrides[name] = overrides.get(name, {"name": name}) | {"user_config": loaded}
-    overrides["Ingress"] = overrides.get("Ingress", {"name": "Ingress"}) | {"user_config": ingress}
+    overrides[INGRESS] = overrides.get(INGRESS, {"name": INGRESS}) | {"user_config": ingress}
     return app | {"deployments": list(overrides.values())}
 
 
 def served_versions(app: dict) -> tuple[dict[str, str], str]:
     """(loaded versions, active version) of a deployed application config."""
     overrides = {d["name"]: d.get("user_config") for d in app.get("deployments") or []}
-    if overrides.get("Ingress") and overrides.get("QueryEncoder"):
-        return dict(overrides["QueryEncoder"]["versions"]), overrides["Ingress"]["active"]
+    if overrides.get(INGRESS) and overrides.get(ENCODER):
+        return dict(overrides[ENCODER]["versions"]), overrides[INGRESS]["active"]
     manifest = load_manifest(app["args"]["index"])
     return {manifest["version"]: manifest["path"]}, manifest["version"]
 

@@ -5,7 +5,7 @@ Versions: every encoder, shard and BM25 replica holds the versions listed in its
 ``user_config`` (``{"versions": {name: index_dir}}``); the ingress serves the one its own
 ``user_config`` names active. A swap loads the new version everywhere (in place, through
 ``reconfigure``), then flips the ingress, then drops the old one, so every request is answered
-by one version end to end and none is dropped (:mod:`retrieval_platform.serving.versions`).
+by one version end to end and none is dropped (:mod:`retrieval_platform.serving.control`).
 """
 
 
