@@ -155,8 +155,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         rng = np.random.default_rng(cfg.seed)
         qids = sorted(rng.choice(qids, cfg.max_queries, replace=False).tolist())
         qrels = {q: qrels[q] for q in qids}
-    queries = ds.queries(cfg.split, ["query_id", "text"])
-    text_of = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    text_of = ds.query_texts(cfg.split)
     qtexts = [text_of[q] for q in qids]
     unknown = [h for h in cfg.hybrid if h not in cfg.models]
     if unknown:

@@ -47,15 +47,12 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
     ids, groups = cols["product_id"], cols["variant_group"]
     group_of = dict(zip(ids, groups, strict=True))
 
-    queries = ds.queries(cfg.split, ["query_id", "text"])
+    text_of = ds.query_texts(cfg.split)
     judged = ds.qrels(cfg.split)
     scale = ds.scale
-    positives = {q: {p for p, g in j.items() if g >= scale.positive_threshold}
-                 for q, j in judged.items()}
+    positives = {q: set(ps) for q, ps in ds.positives(cfg.split).items()}
     not_negative = {q: {p for p, g in j.items() if g > scale.min_grade} for q, j in judged.items()}
-    positives = {q: ps for q, ps in positives.items() if ps}
-    qids = [q for q in queries["query_id"].to_pylist() if q in positives]
-    text_of = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    qids = [q for q in text_of if q in positives]
     encoder = DualEncoder.from_pretrained(folder)
     xq = encoder.encode([text_of[q] for q in qids], "query", precision=cfg.embed.precision)
     D, I = search_index(build_index(xb, IndexParams()), xq, cfg.depth, IndexParams())

@@ -67,6 +67,19 @@ class PreparedDataset:
                   for i in range(0, max(table.num_rows, 1), rows_per_block)]
         return ray.data.from_arrow(blocks)
 
+    def query_texts(self, split: str | None = None) -> dict[str, str]:
+        """query id -> query text, for one split (or all)."""
+        table = self.queries(split, ["query_id", "text"])
+        return dict(zip(table["query_id"].to_pylist(), table["text"].to_pylist(), strict=True))
+
+    def positives(self, split: str | None = None,
+                  threshold: float | None = None) -> dict[str, list[str]]:
+        """query id -> its judged products at or above ``threshold`` (default: the scale's
+        substitute-or-better); queries without one are left out."""
+        threshold = self.scale.positive_threshold if threshold is None else threshold
+        out = {q: [p for p, g in j.items() if g >= threshold] for q, j in self.qrels(split).items()}
+        return {q: ps for q, ps in out.items() if ps}
+
     def qrels(self, split: str | None = None) -> Qrels:
         table = self.judgments(split, columns=["query_id", "product_id", "grade"])
         out: Qrels = defaultdict(dict)

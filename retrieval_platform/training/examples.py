@@ -87,11 +87,9 @@ def contrastive_examples(
     cat = _Catalog(ds, seed)
     scale = ds.scale
     threshold = scale.positive_threshold if positive_threshold is None else positive_threshold
-    queries = ds.queries(split, ["query_id", "text"])
-    qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    qtext = ds.query_texts(split)
     judged = ds.qrels(split)
-    positives = {q: [p for p, g in j.items() if g >= threshold] for q, j in judged.items()}
-    positives = {q: ps for q, ps in positives.items() if ps}
+    positives = ds.positives(split, threshold)
     mined = read_negatives(negatives_path) if hard_negatives else {}
 
     rows: dict[str, list] = defaultdict(list)
@@ -156,8 +154,7 @@ def roar_examples(
     grade groups are skipped: ROAR has nothing to order there."""
     cat = _Catalog(ds, seed)
     scale = ds.scale
-    queries = ds.queries(split, ["query_id", "text"])
-    qtext = dict(zip(queries["query_id"].to_pylist(), queries["text"].to_pylist(), strict=True))
+    qtext = ds.query_texts(split)
     judged = {q: list(j.items()) for q, j in ds.qrels(split).items()}
     mined = read_negatives(negatives_path) if mined_per_query else {}
 
