@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -303,19 +304,94 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config["cfg"]`` is a TrainConfig as a plain dict."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = from_dict(TrainConfig, config["cfg"])
+def _log_to_stderr() -> None:
+    """A Train worker has no logging set up; step lines go to its stderr."""
     _quiet_report_lines()
-    if not log.handlers:  # a Train worker has no logging set up; step lines go to its stderr
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+@dataclass
+class _Progress:
+    """Where a run is: restored from a checkpoint, saved into the next one."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # the training curve
+    optimizer_state: dict[str, Any] | None = None
+
+
+def _restore(model: DualEncoder, checkpoint: Any) -> _Progress:
+    """Load a checkpoint's weights into ``model`` (a restarted worker group, or a rerun of the
+    same run name) and return its progress; a fresh run starts at step 0."""
+    if checkpoint is None:
+        return _Progress()
+    with checkpoint.as_directory() as folder:
+        resumed = DualEncoder.from_pretrained(Path(folder) / MODEL_DIR)
+        model.backbone.load_state_dict(resumed.backbone.state_dict())
+        state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+        history_file = Path(folder) / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    step = int(state["step"])
+    return _Progress(step, int(state["epoch"]), int(state["batch_in_epoch"]), step, history,
+                     state["optimizer"])
+
+
+def _report(cfg: TrainConfig, model: DualEncoder, optimizer: torch.optim.Optimizer,
+            progress: _Progress, metrics: dict[str, float], init_id: str, save: bool) -> None:
+    """Report ``metrics`` to Ray Train; with ``save``, rank 0 attaches a checkpoint: the model
+    folder, the optimizer and progress, the metrics and the history so far."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if ray.train.get_context().get_world_rank() == 0:
+            model.save(Path(tmp) / MODEL_DIR, {
+                "stage": cfg.stage, "step": progress.step, "run": cfg.run.name,
+                "init": cfg.model.init, "init_model_id": init_id,
+                # the dimensions this model serves well (full first)
+                "matryoshka_dims": [model.dim, *[d for d in matryoshka_dims(cfg, model.dim)
+                                                 if d]]})
+            torch.save({"optimizer": optimizer.state_dict(), "step": progress.step,
+                        "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch},
+                       Path(tmp) / STATE_FILE)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(progress.history))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _step_columns(batch: pa.Table, cfg: TrainConfig, epoch: int, step: int,
+                  rank: int) -> dict[str, list]:
+    """A batch as columns, with stage 1's negatives drawn afresh from each row's pool (seeded
+    by run, epoch, step and rank: resumable and repeatable)."""
+    columns = _columns(batch)
+    if cfg.stage == "contrastive" and cfg.data.hard_negatives:
+        rng = np.random.default_rng([cfg.run.seed, epoch, step, rank])
+        columns = sample_negatives(columns, cfg.data.hard_negatives, rng)
+    elif cfg.stage == "contrastive":
+        columns |= {k: [[] for _ in columns["query_text"]]
+                    for k in ("neg_texts", "neg_keys", "neg_group_keys")}
+    return columns
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config["cfg"]`` is a TrainConfig as a plain dict.
+    Set up (model, resumed progress, optimizer, DDP), then train until ``max_steps``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    _log_to_stderr()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
@@ -323,99 +399,73 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = _load_init(cfg.model)
     init_id = _model_id(model)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    resumed_from = 0
-    history: list[dict[str, float]] = []  # every logged step's metrics (the training curve)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resume: a restarted worker group or a rerun of the same name
-        with checkpoint.as_directory() as folder:
-            resumed = DualEncoder.from_pretrained(Path(folder) / MODEL_DIR)
-            model.backbone.load_state_dict(resumed.backbone.state_dict())
-            state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
-            step, epoch = int(state["step"]), int(state["epoch"])
-            batch_in_epoch = int(state["batch_in_epoch"])
-            resumed_from = step
-            if (Path(folder) / HISTORY_FILE).is_file():
-                history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    progress = _restore(model, ray.train.get_checkpoint())
     if cfg.model.lora is not None:  # adapters on the (possibly resumed, merged) weights
         model.backbone = add_lora(model.backbone, cfg.model.lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    if state is not None and cfg.model.lora is None:  # fresh adapters start fresh moments
-        optimizer.load_state_dict(state["optimizer"])
+    if progress.optimizer_state is not None and cfg.model.lora is None:  # fresh adapters start
+        optimizer.load_state_dict(progress.optimizer_state)  # with fresh moments
     forward = ray.train.torch.prepare_model(model)  # DDP across workers (gloo on CPU)
     device = next(model.parameters()).device
-    run_step = STEPS[cfg.stage]
     bf16 = resolve_precision(cfg.optim.precision, device.type) == "bf16"
-    shard = ray.train.get_dataset_shard("train")
 
     def report(metrics: dict[str, float], save: bool) -> None:
-        if not save:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                model.save(Path(tmp) / MODEL_DIR, {
-                    "stage": cfg.stage, "step": step, "run": cfg.run.name,
-                    "init": cfg.model.init, "init_model_id": init_id,
-                    # the dimensions this model serves well (full first)
-                    "matryoshka_dims": [model.dim, *[d for d in
-                                                     matryoshka_dims(cfg, model.dim) if d]]})
-                torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                            "batch_in_epoch": batch_in_epoch}, Path(tmp) / STATE_FILE)
-                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        _report(cfg, model, optimizer, progress, metrics, init_id, save)
 
-    if step >= cfg.optim.max_steps:  # a finished run rerun under its name: nothing to do
-        report({"step": step, "epoch": epoch, "resumed_from_step": resumed_from}, save=True)
+    if progress.step >= cfg.optim.max_steps:  # a finished run rerun under its name
+        report({"step": progress.step, "epoch": progress.epoch,
+                "resumed_from_step": progress.resumed_from}, save=True)
         return
-
     model.train()
+    _train(cfg, model, forward, optimizer, progress, report, rank, world, bf16)
+
+
+def _train(cfg: TrainConfig, model: DualEncoder, forward: Any,
+           optimizer: torch.optim.Optimizer, progress: _Progress, report: Any, rank: int,
+           world: int, bf16: bool) -> None:
+    """Epochs over this worker's shard until ``max_steps``: a step, then every ``log_every``
+    steps a report (with a checkpoint every ``checkpoint_every`` and at the end)."""
+    import ray.train
+
+    run_step = STEPS[cfg.stage]
+    device_type = next(model.parameters()).device.type
+    shard = ray.train.get_dataset_shard("train")
+    p = progress
     window_start, window_samples = time.perf_counter(), 0
-    while step < cfg.optim.max_steps:
-        batches, skip = 0, batch_in_epoch  # a resumed epoch skips the batches it has seen
+    while p.step < cfg.optim.max_steps:
+        batches, skip = 0, p.batch_in_epoch  # a resumed epoch skips the batches it has seen
         for batch in shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow",
                                         drop_last=True):
             batches += 1
             if skip:
                 skip -= 1
                 continue
-            batch_in_epoch += 1
-            lr = lr_at(step, cfg)
+            p.batch_in_epoch += 1
+            lr = lr_at(p.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            columns = _columns(batch)
-            if cfg.stage == "contrastive" and cfg.data.hard_negatives:
-                # A fresh draw from each row's pool every epoch (seeded: resumable, repeatable).
-                rng = np.random.default_rng([cfg.run.seed, epoch, step, rank])
-                columns = sample_negatives(columns, cfg.data.hard_negatives, rng)
-            elif cfg.stage == "contrastive":
-                columns |= {k: [[] for _ in columns["query_text"]]
-                            for k in ("neg_texts", "neg_keys", "neg_group_keys")}
+            columns = _step_columns(batch, cfg, p.epoch, p.step, rank)
             # bf16 autocast covers the backbone; scores and losses run in float32 (losses/).
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss, metrics = run_step(model, forward, columns, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
-            step += 1
+            p.step += 1
             window_samples += batch.num_rows * world
-            last = step >= cfg.optim.max_steps
-            save = last or step % cfg.run.checkpoint_every == 0
-            if save or step % cfg.run.log_every == 0:
+            last = p.step >= cfg.optim.max_steps
+            save = last or p.step % cfg.run.checkpoint_every == 0
+            if save or p.step % cfg.run.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                metrics |= {"step": step, "epoch": epoch, "lr": lr,
-                            "resumed_from_step": resumed_from,
+                metrics |= {"step": p.step, "epoch": p.epoch, "lr": lr,
+                            "resumed_from_step": p.resumed_from,
                             "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                history.append(metrics)
+                p.history.append(metrics)
                 if rank == 0:  # through logging: Ray Train tees print() into its log twice
-                    log.info("[%s] step %d/%d %s", cfg.stage, step, cfg.optim.max_steps,
+                    log.info("[%s] step %d/%d %s", cfg.stage, p.step, cfg.optim.max_steps,
                              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
                 report(metrics, save)
                 window_start, window_samples = time.perf_counter(), 0
@@ -426,4 +476,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"the {cfg.data.split} split gives no full batch of {cfg.optim.batch_size} per "
                 f"worker ({world} workers): lower optim.batch_size or scaling.num_workers"
             )
-        epoch, batch_in_epoch = epoch + 1, 0
+        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
