@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUERY_CHARS = 512
 MAX_K = 100
@@ -16,15 +16,14 @@ class Filters(BaseModel):
 
     category: str | None = Field(None, max_length=256,
                                  description="category path prefix, e.g. 'Home > Kitchen'")
-    price_min: float | None = Field(None, ge=0, allow_inf_nan=False)
-    price_max: float | None = Field(None, ge=0, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _range(self) -> Filters:
-        if self.price_min is not None and self.price_max is not None \
-                and self.price_min > self.price_max:
-            raise ValueError("price_min must not exceed price_max")
-        return self
+    # Any two bounds are valid, as the schema says: a range with price_min above price_max
+    # matches no product, and the answer is an empty result list (not an error the published
+    # schema could not announce: JSON Schema cannot compare two fields).
+    price_min: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description="lowest price (inclusive)")
+    price_max: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description="highest price (inclusive); below price_min, "
+                                                "nothing matches")
 
 
 class SearchRequest(BaseModel):
@@ -34,7 +33,8 @@ class SearchRequest(BaseModel):
                        description="the shopper's query")
     k: int = Field(10, ge=1, le=MAX_K, description="results to return")
     mode: Literal["dense", "lexical", "hybrid"] = Field(
-        "dense", description="dense (the dual encoder), lexical (BM25) or hybrid (RRF of both)")
+        "dense", description="dense (the dual encoder), lexical (BM25) or hybrid (the index's "
+                             "fusion of both: RRF by default)")
     filters: Filters | None = None
     allow_partial: bool = Field(
         False, description="answer from the shards that responded when some failed "
