@@ -164,6 +164,20 @@ def test_stage2_examples_hold_graded_groups(prepared):
         assert grades == sorted(grades, reverse=True)
 
 
+def test_stage2_grade_bins_group_grades_by_bin(prepared):
+    """One edge at the positive threshold: two groups (below 0, at or above 1), every query
+    keeps both, and its first candidate, a positive, is L₁'s positive."""
+    ds = PreparedDataset(prepared)
+    table = roar_examples(ds, max_candidates=6, grade_bins=[ds.scale.positive_threshold])
+    assert table.num_rows > 0
+    for grades, top in zip(table["cand_grades"].to_pylist(), table["top_index"].to_pylist(),
+                           strict=True):
+        assert set(grades) == {0.0, 1.0} and grades == sorted(grades, reverse=True)
+        assert top == 0
+    unbinned = roar_examples(ds, max_candidates=6)
+    assert table.num_rows <= unbinned.num_rows  # queries whose grades share one bin drop out
+
+
 def test_a_worker_that_dies_is_replaced_and_training_resumes(prepared, tmp_path):
     cfg = _cfg(prepared, tmp_path, "faulty", optim__max_steps=400, run__checkpoint_every=20,
                run__log_every=20, optim__batch_size=8)

@@ -30,6 +30,9 @@ class DataConfig:
     # stage 2: mined products per query; in the batch's candidates without a grade (the lowest
     # group only where the grade scale says unlabelled means irrelevant)
     mined_per_query: int = 0
+    # stage 2: ascending grade edges; ROAR groups products by bin instead of exact grade (mean
+    # ratings that differ by one rater's vote fall in one group). null: every grade a group.
+    grade_bins: list[float] | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -146,34 +147,44 @@ def roar_examples(
     max_candidates: int = 16,
     negatives_path: str | None = None,
     mined_per_query: int = 0,
+    grade_bins: Sequence[float] | None = None,
     seed: int = 0,
 ) -> pa.Table:
     """Stage-2 groups: per query its judged products (at most ``max_candidates``, sampled so
     that every grade present keeps at least one product), and, only where the grade scale says
     unlabelled means irrelevant, mined negatives at the lowest grade. Queries with fewer than two
-    grade groups are skipped: ROAR has nothing to order there."""
+    grade groups are skipped: ROAR has nothing to order there.
+
+    ``grade_bins`` (ascending edges) groups noisy mean ratings: a grade's group is the number of
+    edges at or below it (edges [1.8, 2.5] on Home Depot's 1–3: ≤ 1.67 / 2–2.33 / ≥ 2.67), so
+    ROAR orders only groups a whole bin apart. Positives (Eq. 7's L₁) still use the raw grade."""
     cat = _Catalog(ds, seed)
     scale = ds.scale
     qtext = ds.query_texts(split)
     judged = {q: list(j.items()) for q, j in ds.qrels(split).items()}
     mined = read_negatives(negatives_path) if mined_per_query else {}
 
+    edges = sorted(grade_bins or [])
+
+    def group_grade(g: float) -> float:
+        return float(np.searchsorted(edges, g, side="right")) if edges else g
+
     rows: dict[str, list] = defaultdict(list)
     for qid in sorted(judged):
-        cands = list(judged[qid])
-        seen = {p for p, _ in cands}
-        pos_groups = {cat.group[p] for p, g in cands if g >= scale.positive_threshold}
-        extra = [n for n in mined.get(qid, []) if n not in seen
+        raw = dict(judged[qid])
+        pos_groups = {cat.group[p] for p, g in raw.items() if g >= scale.positive_threshold}
+        extra = [n for n in mined.get(qid, []) if n not in raw
                  and cat.group.get(n) not in pos_groups][:mined_per_query]
         if scale.unlabelled_is_irrelevant:  # mined products join the lowest grade group
-            cands += [(n, scale.min_grade) for n in extra]
+            raw |= {n: scale.min_grade for n in extra}
             extra = []
+        cands = [(p, group_grade(g)) for p, g in raw.items()]
         if len({g for _, g in cands}) < 2:
             continue
         if len(cands) > max_candidates:
             cands = _sample_keeping_grades(cands, max_candidates, cat.rng)
-        cands.sort(key=lambda pg: -pg[1])
-        top_grade = cands[0][1]
+        cands.sort(key=lambda pg: (-pg[1], -raw[pg[0]]))
+        top_grade = raw[cands[0][0]]
         rows["query_id"].append(qid)
         rows["query_text"].append(qtext[qid])
         rows["cand_texts"].append([cat.text[p] for p, _ in cands])

@@ -49,7 +49,7 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
     return roar_examples(
         ds, split=cfg.data.split, max_candidates=cfg.data.max_candidates,
         negatives_path=cfg.data.negatives_path, mined_per_query=cfg.data.mined_per_query,
-        seed=cfg.run.seed,
+        grade_bins=cfg.data.grade_bins, seed=cfg.run.seed,
     )
 
 
