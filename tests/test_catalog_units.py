@@ -94,6 +94,18 @@ def test_synthetic_catalog_is_deterministic_and_realistic():
     assert labels == {"Exact", "Substitute", "Complement", "Irrelevant"}
 
 
+def test_the_smallest_synthetic_catalog_generates():
+    """At the minimum size not every type gets a family; queries still judge existing
+    products (a department type without products used to crash the judging pool)."""
+    for seed in range(3):
+        cat = generate_catalog(len(TYPES), seed=seed)
+        ids = set(cat.products["product_id"].to_pylist())
+        assert cat.products.num_rows == len(TYPES)
+        assert set(cat.judgments["product_id"].to_pylist()) <= ids
+    with pytest.raises(ValueError, match="at least"):
+        generate_catalog(len(TYPES) - 1)
+
+
 def test_synthetic_labels_follow_the_rules():
     cat = generate_catalog(800, seed=0)
     products = cat.products.to_pandas().set_index("product_id")

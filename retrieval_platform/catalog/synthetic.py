@@ -239,6 +239,33 @@ def _misspell(rng: np.random.Generator, word: str) -> str:
     return word[:i] + word[i] + word[i:]  # double a letter
 
 
+@dataclass
+class _Families:
+    """Products as parallel lists (index = row), and each family's members, type, model and
+    brand."""
+
+    pid: list[str] = field(default_factory=list)
+    fam_of: list[int] = field(default_factory=list)
+    type_of: list[int] = field(default_factory=list)
+    attrs_of: list[dict[str, str]] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    brand_of: list[str] = field(default_factory=list)
+    desc_of: list[str] = field(default_factory=list)
+    price_of: list[float] = field(default_factory=list)
+    cat_of: list[str] = field(default_factory=list)
+    products: list[list[int]] = field(default_factory=list)  # family -> its product rows
+    type: list[int] = field(default_factory=list)
+    model: list[str] = field(default_factory=list)
+    brand: list[str] = field(default_factory=list)
+
+    def members_of_type(self) -> list[list[int]]:
+        """type -> its families."""
+        out: list[list[int]] = [[] for _ in TYPES]
+        for f, t in enumerate(self.type):
+            out[t].append(f)
+        return out
+
+
 def generate_catalog(
     num_products: int = 2000,
     *,
@@ -247,25 +274,45 @@ def generate_catalog(
     relist_fraction: float = 0.01,
     misspell_fraction: float = 0.1,
 ) -> SyntheticCatalog:
-    """Generate products, queries and graded judgments in the canonical schema."""
+    """Generate products, queries and graded judgments in the canonical schema: families of
+    variants, relisted duplicates, then queries each judged over an annotator-like pool."""
     if num_products < len(TYPES):
-        raise ValueError(f"num_products must be at least {len(TYPES)} (one family per type)")
+        raise ValueError(f"num_products must be at least {len(TYPES)}, the number of types")
     rng = np.random.default_rng(seed)
     if num_queries is None:
         num_queries = int(min(50_000, max(50, num_products // 10)))
     brands = _brands(rng, 60)
     type_brands = [list(rng.choice(brands, size=6, replace=False)) for _ in TYPES]
+    fams = _make_families(rng, num_products, type_brands)
+    _relist(rng, fams, relist_fraction, num_products)
+    products = pa.table(
+        {
+            "product_id": fams.pid,
+            "title": fams.titles,
+            "description": fams.desc_of,
+            "brand": fams.brand_of,
+            "category": fams.cat_of,
+            "attributes": [list(a.items()) for a in fams.attrs_of],
+            "price": fams.price_of,
+            "variant_group": [f"F{f:07d}" for f in fams.fam_of],
+        },
+        schema=PRODUCT_SCHEMA,
+    )
+    queries, judgments = _queries_and_judgments(rng, fams, num_queries, misspell_fraction)
+    return SyntheticCatalog(
+        products, queries, judgments,
+        stats={"families": len(fams.products), "products": len(fams.pid),
+               "queries": queries.num_rows, "judgments": judgments.num_rows},
+    )
 
-    # Products, one family at a time; every family has at least one variant.
-    pid, fam_of, type_of, attrs_of, titles = [], [], [], [], []
-    brand_of, desc_of, price_of, cat_of = [], [], [], []
-    fam_products: list[list[int]] = []
-    fam_type: list[int] = []
-    fam_model: list[str] = []
-    fam_brand: list[str] = []
+
+def _make_families(rng: np.random.Generator, num_products: int,
+                   type_brands: list[list[str]]) -> _Families:
+    """Products, one family at a time; every family has at least one variant. Types are cycled
+    first so that every type exists even in a small catalog."""
+    fams = _Families()
     family = 0
-    # Cycle over types first so that every type exists even in a tiny catalog.
-    while len(pid) < num_products:
+    while len(fams.pid) < num_products:
         t_idx = family if family < len(TYPES) else int(rng.integers(len(TYPES)))
         ptype = TYPES[t_idx]
         brand = type_brands[t_idx][int(rng.integers(6))]
@@ -274,7 +321,7 @@ def generate_catalog(
         fixed = {a: vals[int(rng.integers(len(vals)))] for a, vals in ptype.attrs.items()
                  if a not in ptype.variant_axes}
         axes = {a: ptype.attrs[a] for a in ptype.variant_axes}
-        n_variants = int(min(num_products - len(pid), rng.integers(1, 7) if axes else 1))
+        n_variants = int(min(num_products - len(fams.pid), rng.integers(1, 7) if axes else 1))
         seen: set[tuple[str, ...]] = set()
         base_price = float(rng.uniform(*ptype.price))
         members = []
@@ -286,132 +333,135 @@ def generate_catalog(
             if key in seen:
                 continue
             seen.add(key)
-            attrs = fixed | var
-            i = len(pid)
-            members.append(i)
-            pid.append(f"P{i + 1:07d}")
-            fam_of.append(family)
-            type_of.append(t_idx)
-            attrs_of.append(attrs)
-            brand_of.append(brand)
-            cat_of.append(" > ".join((*ptype.path, ptype.name.title())))
-            detail = ", ".join(var[a] for a in ptype.variant_axes)
-            lead = [v.title() for a, v in fixed.items() if a in ("material", "power", "style")][:1]
-            title = " ".join([brand, model, *lead, ptype.name.title()])
-            titles.append(f"{title}, {detail}" if detail else title)
-            price_of.append(round(base_price * float(rng.uniform(0.9, 1.15)), 2))
-            use = ptype.uses[int(rng.integers(len(ptype.uses)))] if ptype.uses else "everyday use"
-            desc_of.append(
-                f"The {brand} {model} {ptype.name} is built for {use}. "
-                + " ".join(f"{k.capitalize()}: {v}." for k, v in attrs.items())
-            )
-        fam_products.append(members)
-        fam_type.append(t_idx)
-        fam_model.append(model)
-        fam_brand.append(brand)
+            members.append(len(fams.pid))
+            _add_product(rng, fams, family, t_idx, brand, model, fixed, var, base_price)
+        fams.products.append(members)
+        fams.type.append(t_idx)
+        fams.model.append(model)
+        fams.brand.append(brand)
         family += 1
+    return fams
 
-    # Relisted duplicates: a product of another family of the same type takes the title and
-    # attributes of this one (another id, another family): the title rule must catch it.
-    type_products: list[list[int]] = [[] for _ in TYPES]
-    for i, t in enumerate(type_of):
-        type_products[t].append(i)
-    n_relist = int(relist_fraction * num_products)
-    for src in rng.choice(len(pid), size=min(n_relist, len(pid) // 2), replace=False):
-        src = int(src)
-        peers = type_products[type_of[src]]
-        dst = peers[int(rng.integers(len(peers)))]
-        if fam_of[dst] != fam_of[src]:
-            titles[dst] = titles[src]
-            attrs_of[dst] = dict(attrs_of[src])
-            brand_of[dst] = brand_of[src]
 
-    products = pa.table(
-        {
-            "product_id": pid,
-            "title": titles,
-            "description": desc_of,
-            "brand": brand_of,
-            "category": cat_of,
-            "attributes": [list(a.items()) for a in attrs_of],
-            "price": price_of,
-            "variant_group": [f"F{f:07d}" for f in fam_of],
-        },
-        schema=PRODUCT_SCHEMA,
+def _add_product(rng: np.random.Generator, fams: _Families, family: int, t_idx: int,
+                 brand: str, model: str, fixed: dict[str, str], var: dict[str, str],
+                 base_price: float) -> None:
+    ptype = TYPES[t_idx]
+    attrs = fixed | var
+    fams.pid.append(f"P{len(fams.pid) + 1:07d}")
+    fams.fam_of.append(family)
+    fams.type_of.append(t_idx)
+    fams.attrs_of.append(attrs)
+    fams.brand_of.append(brand)
+    fams.cat_of.append(" > ".join((*ptype.path, ptype.name.title())))
+    detail = ", ".join(var[a] for a in ptype.variant_axes)
+    lead = [v.title() for a, v in fixed.items() if a in ("material", "power", "style")][:1]
+    title = " ".join([brand, model, *lead, ptype.name.title()])
+    fams.titles.append(f"{title}, {detail}" if detail else title)
+    fams.price_of.append(round(base_price * float(rng.uniform(0.9, 1.15)), 2))
+    use = ptype.uses[int(rng.integers(len(ptype.uses)))] if ptype.uses else "everyday use"
+    fams.desc_of.append(
+        f"The {brand} {model} {ptype.name} is built for {use}. "
+        + " ".join(f"{k.capitalize()}: {v}." for k, v in attrs.items())
     )
 
-    type_families: list[list[int]] = [[] for _ in TYPES]
-    for f, t in enumerate(fam_type):
-        type_families[t].append(f)
-    type_of_arr = np.asarray(type_of)
 
+def _relist(rng: np.random.Generator, fams: _Families, relist_fraction: float,
+            num_products: int) -> None:
+    """Relisted duplicates: a product of another family of the same type takes the title and
+    attributes of this one (another id, another family): the title rule must catch it."""
+    type_products: list[list[int]] = [[] for _ in TYPES]
+    for i, t in enumerate(fams.type_of):
+        type_products[t].append(i)
+    n_relist = int(relist_fraction * num_products)
+    for src in rng.choice(len(fams.pid), size=min(n_relist, len(fams.pid) // 2), replace=False):
+        src = int(src)
+        peers = type_products[fams.type_of[src]]
+        dst = peers[int(rng.integers(len(peers)))]
+        if fams.fam_of[dst] != fams.fam_of[src]:
+            fams.titles[dst] = fams.titles[src]
+            fams.attrs_of[dst] = dict(fams.attrs_of[src])
+            fams.brand_of[dst] = fams.brand_of[src]
+
+
+_LABEL_CAPS = {"Exact": 6, "Substitute": 5, "Complement": 3, "Irrelevant": 4}
+_LABEL_GRADES = {"Exact": 3.0, "Substitute": 2.0, "Complement": 1.0, "Irrelevant": 0.0}
+
+
+def _queries_and_judgments(rng: np.random.Generator, fams: _Families, num_queries: int,
+                           misspell_fraction: float) -> tuple[pa.Table, pa.Table]:
+    """Each query targets one product of a random family, states some of its attributes, and is
+    judged over a pool the way annotators see one (labels by rule, capped per label)."""
+    type_families = fams.members_of_type()
+    type_of_arr = np.asarray(fams.type_of)
     q_ids, q_texts = [], []
     j_q, j_p, j_label = [], [], []
     for q in range(num_queries):
-        fam = int(rng.integers(len(fam_products)))
-        target = fam_products[fam][int(rng.integers(len(fam_products[fam])))]
-        t_idx = fam_type[fam]
-        ptype = TYPES[t_idx]
-        text, constraints = _query_for(rng, ptype, attrs_of[target], fam_brand[fam], fam_model[fam],
-                                       misspell_fraction)
+        fam = int(rng.integers(len(fams.products)))
+        target = fams.products[fam][int(rng.integers(len(fams.products[fam])))]
+        t_idx = fams.type[fam]
+        text, constraints = _query_for(rng, TYPES[t_idx], fams.attrs_of[target], fams.brand[fam],
+                                       fams.model[fam], misspell_fraction)
         qid = f"Q{q + 1:06d}"
         q_ids.append(qid)
         q_texts.append(text)
-
-        def grade(i: int, t_idx: int = t_idx, constraints: dict = constraints,
-                  ptype: ProductType = ptype) -> str:
-            if type_of[i] == t_idx:
-                ok = all(
-                    (brand_of[i] == v) if a == "brand" else
-                    (fam_model[fam_of[i]] == v) if a == "model" else
-                    (attrs_of[i].get(a) == v)
-                    for a, v in constraints.items()
-                )
-                return "Exact" if ok else "Substitute"
-            if TYPES[type_of[i]].name in ptype.complements:
-                return "Complement"
-            return "Irrelevant"
-
-        # Judge a pool the way annotators see one: the target family, same-type products,
-        # complements, and some irrelevant ones (a few from the same department: hard ones).
-        pool: list[int] = list(fam_products[fam])
-        same = type_families[t_idx]
-        for f in rng.choice(same, size=min(len(same), 12), replace=False):
-            members = fam_products[int(f)]
-            pool.append(members[int(rng.integers(len(members)))])
-        for comp in ptype.complements[:3]:
-            fams = type_families[TYPE_INDEX[comp]]
-            for f in rng.choice(fams, size=min(len(fams), 2), replace=False):
-                pool.append(fam_products[int(f)][0])
-        dept = [i for i, t in enumerate(TYPES) if t.path[0] == ptype.path[0] and i != t_idx
-                and TYPES[i].name not in ptype.complements]
-        if dept:
-            fams = type_families[int(rng.choice(dept))]
-            pool.append(fam_products[int(rng.choice(fams))][0])
-        pool.extend(int(i) for i in rng.choice(len(pid), size=3, replace=False)
-                    if type_of_arr[int(i)] != t_idx)
+        pool = _judging_pool(rng, fams, fam, type_families, type_of_arr)
         by_label: dict[str, list[int]] = {}
         for i in dict.fromkeys(pool):  # ordered, unique
-            by_label.setdefault(grade(i), []).append(i)
-        caps = {"Exact": 6, "Substitute": 5, "Complement": 3, "Irrelevant": 4}
+            by_label.setdefault(_label(fams, i, t_idx, constraints), []).append(i)
         for label, items in by_label.items():
-            for i in items[: caps[label]]:
+            for i in items[: _LABEL_CAPS[label]]:
                 j_q.append(qid)
-                j_p.append(pid[i])
+                j_p.append(fams.pid[i])
                 j_label.append(label)
-
-    grades = {"Exact": 3.0, "Substitute": 2.0, "Complement": 1.0, "Irrelevant": 0.0}
     queries = pa.table({"query_id": q_ids, "text": q_texts}, schema=QUERY_SCHEMA)
     judgments = pa.table(
-        {"query_id": j_q, "product_id": j_p, "grade": [grades[lb] for lb in j_label],
+        {"query_id": j_q, "product_id": j_p, "grade": [_LABEL_GRADES[lb] for lb in j_label],
          "label": j_label},
         schema=JUDGMENT_SCHEMA,
     )
-    return SyntheticCatalog(
-        products, queries, judgments,
-        stats={"families": family, "products": len(pid), "queries": len(q_ids),
-               "judgments": len(j_q)},
-    )
+    return queries, judgments
+
+
+def _label(fams: _Families, i: int, t_idx: int, constraints: dict[str, str]) -> str:
+    """ESCI label of product ``i`` for a query on type ``t_idx`` stating ``constraints``."""
+    if fams.type_of[i] == t_idx:
+        ok = all(
+            (fams.brand_of[i] == v) if a == "brand" else
+            (fams.model[fams.fam_of[i]] == v) if a == "model" else
+            (fams.attrs_of[i].get(a) == v)
+            for a, v in constraints.items()
+        )
+        return "Exact" if ok else "Substitute"
+    if TYPES[fams.type_of[i]].name in TYPES[t_idx].complements:
+        return "Complement"
+    return "Irrelevant"
+
+
+def _judging_pool(rng: np.random.Generator, fams: _Families, fam: int,
+                  type_families: list[list[int]], type_of_arr: np.ndarray) -> list[int]:
+    """The target family, same-type products, complements, and some irrelevant ones (a few
+    from the same department: hard ones)."""
+    t_idx = fams.type[fam]
+    ptype = TYPES[t_idx]
+    pool: list[int] = list(fams.products[fam])
+    same = type_families[t_idx]
+    for f in rng.choice(same, size=min(len(same), 12), replace=False):
+        members = fams.products[int(f)]
+        pool.append(members[int(rng.integers(len(members)))])
+    for comp in ptype.complements[:3]:
+        comp_fams = type_families[TYPE_INDEX[comp]]
+        for f in rng.choice(comp_fams, size=min(len(comp_fams), 2), replace=False):
+            pool.append(fams.products[int(f)][0])
+    dept = [i for i, t in enumerate(TYPES) if t.path[0] == ptype.path[0] and i != t_idx
+            and TYPES[i].name not in ptype.complements
+            and type_families[i]]  # a small catalog may not reach every type
+    if dept:
+        dept_fams = type_families[int(rng.choice(dept))]
+        pool.append(fams.products[int(rng.choice(dept_fams))][0])
+    pool.extend(int(i) for i in rng.choice(len(fams.pid), size=3, replace=False)
+                if type_of_arr[int(i)] != t_idx)
+    return pool
 
 
 def _query_for(
