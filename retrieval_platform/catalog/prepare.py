@@ -212,9 +212,43 @@ def variant_groups(product_ids: list[str], families: list[str | None],
 
 
 def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the preparation; returns the manifest (also written as ``manifest.json``)."""
+    """Run the preparation; returns the manifest (also written as ``manifest.json``).
+    Read → validate every record (Ray Data) → whole-table checks (duplicates, unknown keys,
+    variant groups) → write accepted and rejected rows → manifest."""
     started = time.perf_counter()
     source = read_source(cfg.source)
+    validated, read_counts = _validate(source, cfg)
+    verdicts = _table_verdicts(validated)
+    with publish_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+        counts, rejects = _write_tables(tmp, validated, verdicts, read_counts)
+        _write_rejects(tmp, rejects, source.malformed, counts)
+        manifest = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": {
+                "format": source.format,
+                "path": cfg.source.path,
+                "files": {f: (sha256_file(f) if Path(f).is_file() else None)
+                          for f in source.input_files},
+                "ignored_columns": source.ignored_columns,
+            },
+            "grade_scale": source.scale.to_dict(),
+            "counts": {k: vars(c) for k, c in counts.items()},
+            "splits": _split_counts(tmp),
+            "files": checksum_tree(tmp),
+            "config": to_dict(cfg),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    log.info("prepared %s in %.1fs: %s", cfg.output_dir, manifest["wall_seconds"],
+             {k: (c.accepted, c.rejected) for k, c in counts.items()})
+    return manifest
+
+
+def _validate(source: RawSource, cfg: PrepareConfig
+              ) -> tuple[dict[str, ray.data.Dataset], Counter[str]]:
+    """Every record of every table validated on its own (Ray Data tasks): the datasets with a
+    ``_reason`` column (null = valid so far), and how many records each table read."""
     scale = source.scale.to_dict()
     validated: dict[str, ray.data.Dataset] = {}
     read_counts: Counter[str] = Counter()
@@ -236,9 +270,13 @@ def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
         validated[raw.kind] = ds if raw.kind not in validated else validated[raw.kind].union(ds)
     for rec in source.malformed:
         read_counts[rec.kind] += 1
-    validated = {k: ds.materialize() for k, ds in validated.items()}
+    return {k: ds.materialize() for k, ds in validated.items()}, read_counts
 
-    # Whole-table checks on key columns.
+
+def _table_verdicts(validated: dict[str, ray.data.Dataset]) -> dict[str, dict[str, Any]]:
+    """Whole-table checks on the key columns: duplicate ids, judgments of unknown products or
+    queries, duplicate judgments; variant groups of the accepted products and the split of each
+    judgment's query. Per table: the rejected record uids with reasons, and a column to fill."""
     base = ["_reason", "_file", RECORD, UID]
     pkeys = _keys(validated["products"], ["product_id", "variant_group", "title_key", *base])
     product_rejects = _duplicates(pkeys, ["product_id"], "product_id")
@@ -268,8 +306,7 @@ def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
     judgment_rejects |= _duplicates(
         jkeys[~jkeys[UID].isin(judgment_rejects)], ["query_id", "product_id"], "judgment"
     )
-
-    verdicts = {
+    return {
         "products": dict(rejects=product_rejects, fill_column="variant_group",
                          fill_keys=product_ids, fill_values=pa.array(groups, pa.string()),
                          fill_from="product_id"),
@@ -279,81 +316,70 @@ def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
                           fill_from="query_id"),
     }
 
-    counts: dict[str, schema.TableCounts] = {}
-    with publish_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
-        rejects = []
-        for kind, ds in validated.items():
-            v = verdicts[kind]
-            rej = v.pop("rejects")
-            final = ds.map_batches(
-                _apply_verdicts,
-                fn_kwargs=dict(reject_uids=np.fromiter(rej, np.int64, len(rej)),
-                               reject_reasons=list(rej.values()), **v),
-                batch_format="pyarrow", batch_size=None, num_cpus=0.5,
-            ).materialize()
-            out_schema = schema.PREPARED_SCHEMAS[kind]
-            accepted = final.map_batches(
-                _accepted, fn_kwargs=dict(columns=out_schema.names, out_schema=out_schema),
-                batch_format="pyarrow", batch_size=None, num_cpus=0.5,
-            ).materialize()
-            rejected = final.map_batches(
-                _rejected, fn_kwargs=dict(table=kind), batch_format="pyarrow", batch_size=None,
-                num_cpus=0.5,
-            ).materialize()
-            (tmp / kind).mkdir()
-            if accepted.count():
-                accepted.repartition(max(1, accepted.num_blocks() // 8)).write_parquet(
-                    str(tmp / kind))
-            else:  # an empty dataset writes no file; readers still need the schema
-                pq.write_table(out_schema.empty_table(), tmp / kind / "empty.parquet")
-            rejects.append(rejected)
-            reasons = Counter(_reason_class(r) for r in _column(rejected, "reason"))
-            counts[kind] = schema.TableCounts(
-                read=read_counts[kind], accepted=accepted.count(),
-                rejected=rejected.count(), reject_reasons=dict(reasons),
-            )
-        malformed = pa.table(
-            {"table": [m.kind for m in source.malformed],
-             "source_file": [m.source_file for m in source.malformed],
-             "record": [m.record for m in source.malformed],
-             "reason": [m.reason for m in source.malformed],
-             "raw": [m.raw for m in source.malformed]},
-            schema=schema.REJECT_SCHEMA,
-        )
-        for m in source.malformed:
-            c = counts[m.kind]
-            c.rejected += 1
-            key = _reason_class(m.reason)
-            c.reject_reasons[key] = c.reject_reasons.get(key, 0) + 1
-        (tmp / "rejects").mkdir()
-        all_rejects = rejects[0].union(*rejects[1:], ray.data.from_arrow(malformed))
-        if sum(c.rejected for c in counts.values()):
-            all_rejects.repartition(1).write_parquet(str(tmp / "rejects"))
-        for kind, c in counts.items():
-            c.check(kind)
 
-        split_counts = _split_counts(tmp)
-        manifest = {
-            "schema_version": schema.SCHEMA_VERSION,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "source": {
-                "format": source.format,
-                "path": cfg.source.path,
-                "files": {f: (sha256_file(f) if Path(f).is_file() else None)
-                          for f in source.input_files},
-                "ignored_columns": source.ignored_columns,
-            },
-            "grade_scale": scale,
-            "counts": {k: vars(c) for k, c in counts.items()},
-            "splits": split_counts,
-            "files": checksum_tree(tmp),
-            "config": to_dict(cfg),
-            "wall_seconds": round(time.perf_counter() - started, 2),
-        }
-        write_json(tmp / "manifest.json", manifest)
-    log.info("prepared %s in %.1fs: %s", cfg.output_dir, manifest["wall_seconds"],
-             {k: (c.accepted, c.rejected) for k, c in counts.items()})
-    return manifest
+def _write_tables(tmp: Path, validated: dict[str, ray.data.Dataset],
+                  verdicts: dict[str, dict[str, Any]], read_counts: Counter[str]
+                  ) -> tuple[dict[str, schema.TableCounts], list[ray.data.Dataset]]:
+    """Apply the verdicts; write each table's accepted rows (Parquet, prepared schema); return
+    the counts and each table's rejected rows."""
+    counts: dict[str, schema.TableCounts] = {}
+    rejects = []
+    for kind, ds in validated.items():
+        v = dict(verdicts[kind])
+        rej = v.pop("rejects")
+        final = ds.map_batches(
+            _apply_verdicts,
+            fn_kwargs=dict(reject_uids=np.fromiter(rej, np.int64, len(rej)),
+                           reject_reasons=list(rej.values()), **v),
+            batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+        ).materialize()
+        out_schema = schema.PREPARED_SCHEMAS[kind]
+        accepted = final.map_batches(
+            _accepted, fn_kwargs=dict(columns=out_schema.names, out_schema=out_schema),
+            batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+        ).materialize()
+        rejected = final.map_batches(
+            _rejected, fn_kwargs=dict(table=kind), batch_format="pyarrow", batch_size=None,
+            num_cpus=0.5,
+        ).materialize()
+        (tmp / kind).mkdir()
+        if accepted.count():
+            accepted.repartition(max(1, accepted.num_blocks() // 8)).write_parquet(
+                str(tmp / kind))
+        else:  # an empty dataset writes no file; readers still need the schema
+            pq.write_table(out_schema.empty_table(), tmp / kind / "empty.parquet")
+        rejects.append(rejected)
+        reasons = Counter(_reason_class(r) for r in _column(rejected, "reason"))
+        counts[kind] = schema.TableCounts(
+            read=read_counts[kind], accepted=accepted.count(),
+            rejected=rejected.count(), reject_reasons=dict(reasons),
+        )
+    return counts, rejects
+
+
+def _write_rejects(tmp: Path, rejects: list[ray.data.Dataset], malformed: list[Any],
+                   counts: dict[str, schema.TableCounts]) -> None:
+    """Every rejected record (validation, whole-table checks, and records the reader could
+    not parse) into ``rejects/``; counts checked: read = accepted + rejected per table."""
+    table = pa.table(
+        {"table": [m.kind for m in malformed],
+         "source_file": [m.source_file for m in malformed],
+         "record": [m.record for m in malformed],
+         "reason": [m.reason for m in malformed],
+         "raw": [m.raw for m in malformed]},
+        schema=schema.REJECT_SCHEMA,
+    )
+    for m in malformed:
+        c = counts[m.kind]
+        c.rejected += 1
+        key = _reason_class(m.reason)
+        c.reject_reasons[key] = c.reject_reasons.get(key, 0) + 1
+    (tmp / "rejects").mkdir()
+    all_rejects = rejects[0].union(*rejects[1:], ray.data.from_arrow(table))
+    if sum(c.rejected for c in counts.values()):
+        all_rejects.repartition(1).write_parquet(str(tmp / "rejects"))
+    for kind, c in counts.items():
+        c.check(kind)
 
 
 def _column(ds: ray.data.Dataset, name: str) -> list[Any]:
