@@ -126,6 +126,9 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     assert _changed(init, s1_weights)  # training moved the weights
     info = model_info(s1.model_dir)
     assert info["metadata"]["stage"] == "contrastive" and info["metadata"]["step"] == 4
+    # one id for weights: the starting model's weights checksum, as model folders name it
+    assert info["metadata"]["init_model_id"] == model_info(resolve_model_folder("tiny"))[
+        "model_id"]
 
     # A rerun under the same name resumes from its last checkpoint: the step count continues.
     again = train(_cfg(prepared, tmp_path, "s1", optim__max_steps=6, data__hard_negatives=1))
@@ -137,6 +140,7 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
                     optim__lr=1e-12, optim__max_steps=2))
     meta = model_info(s2.model_dir)["metadata"]
     assert meta["stage"] == "roar" and meta["init"] == str(s1.model_dir)
+    assert meta["init_model_id"] == model_info(s1.model_dir)["model_id"]
     s2_weights = _weights(s2.model_dir)
     for k in s2_weights:
         torch.testing.assert_close(s2_weights[k], s1_weights[k], atol=1e-6, rtol=0)
@@ -145,9 +149,11 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     report = evaluate(from_dict(EvaluateConfig, {
         "prepared_dir": str(prepared), "split": "dev",
         "models": {"zero_shot": "tiny", "stage1": str(s1.model_dir)}, "hybrid": ["stage1"],
+        "fusions": [{"method": "rrf"}, {"method": "convex", "dense_weight": 0.6}],
         "dims": [32],
         "output_dir": str(tmp_path / "report"), **SMALL}))
-    for name in ("zero_shot", "stage1", "stage1@32", "bm25", "hybrid(stage1+bm25)"):
+    for name in ("zero_shot", "stage1", "stage1@32", "bm25", "hybrid(stage1+bm25)",
+                 "hybrid(stage1+bm25,convex0.6)"):
         m = report["results"][name]
         assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
     for file in ("report.md", "report.json", "report.png"):

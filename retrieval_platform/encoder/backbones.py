@@ -183,8 +183,9 @@ def _smollm2() -> Path:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "tiny": BackboneSpec("tiny", "last", DEFAULT_QUERY_INSTRUCTION, 32, 64, _tiny),
-    # MiniLM was not trained with instructions: a long one costs zero-shot NDCG@10 on Home
-    # Depot dev (0.459 -> 0.346, docs/RESULTS.md); a short prefix keeps queries distinct.
+    # MiniLM was not trained with instructions: a long one lowered its zero-shot NDCG@10 in an
+    # early check on a small Home Depot pool; a short prefix keeps queries distinct (full-corpus
+    # zero-shot with it: 0.276 on dev, docs/RESULTS.md).
     "minilm-l6": BackboneSpec("minilm-l6", "mean", "query: ", 32, 128, _minilm, MINILM_HINT),
     "smollm2-135m": BackboneSpec("smollm2-135m", "last", DEFAULT_QUERY_INSTRUCTION, 32, 96,
                                  _smollm2, SMOLLM2_HINT),

@@ -9,7 +9,6 @@ candidate of the batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -270,19 +269,15 @@ def _columns(batch: pa.Table) -> dict[str, list]:
     return {name: batch[name].to_pylist() for name in batch.column_names}
 
 
-def _model_id(model: DualEncoder) -> str:
-    """Cheap identity of the starting weights (recorded in every checkpoint's metadata)."""
-    digest = hashlib.sha256()
-    for tensor in model.backbone.state_dict().values():
-        digest.update(tensor.detach().float().flatten()[:256].numpy().tobytes())
-    return f"{model.settings.base or 'model'}-{digest.hexdigest()[:12]}"
+def init_source(init: str) -> str:
+    """A backbone name or model folder as given; a Ray Train checkpoint folder: its model."""
+    if (Path(init) / MODEL_DIR / "config.json").is_file():
+        return str(Path(init) / MODEL_DIR)
+    return init
 
 
 def _load_init(model_cfg: Any) -> DualEncoder:
-    init = Path(model_cfg.init)
-    if (init / MODEL_DIR / "config.json").is_file():  # a checkpoint folder: use its model
-        init = init / MODEL_DIR
-    src = str(init) if init.exists() else model_cfg.init
+    src = init_source(model_cfg.init)
     model = DualEncoder.from_pretrained(
         src, pooling=model_cfg.pooling, query_instruction=model_cfg.query_instruction,
         max_query_length=model_cfg.max_query_length,
@@ -385,7 +380,9 @@ def _step_columns(batch: pa.Table, cfg: TrainConfig, epoch: int, step: int,
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config["cfg"]`` is a TrainConfig as a plain dict.
+    """Ray Train entry point; ``config["cfg"]`` is a TrainConfig as a plain dict,
+    ``config["init_model_id"]`` the starting weights' id (``model_info``), recorded in every
+    checkpoint.
     Set up (model, resumed progress, optimizer, DDP), then train until ``max_steps``."""
     import ray.train
     import ray.train.torch
@@ -398,7 +395,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
 
     model = _load_init(cfg.model)
-    init_id = _model_id(model)
+    init_id = config.get("init_model_id", "")
     progress = _restore(model, ray.train.get_checkpoint())
     if cfg.model.lora is not None:  # adapters on the (possibly resumed, merged) weights
         model.backbone = add_lora(model.backbone, cfg.model.lora)

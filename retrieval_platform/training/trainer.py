@@ -21,11 +21,17 @@ from ray.train.torch import TorchTrainer
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec
+from retrieval_platform.encoder.model import model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, write_json
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
-from retrieval_platform.training.loop import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
+from retrieval_platform.training.loop import (
+    HISTORY_FILE,
+    MODEL_DIR,
+    init_source,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +74,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     log.info("%s: %d examples, %d steps of %d (%.1f epochs)", cfg.stage, examples.num_rows,
              cfg.optim.max_steps, per_step, cfg.optim.max_steps * per_step / examples.num_rows)
+    # One id for weights across the platform: the weights file's checksum (model_info).
+    init_model_id = model_info(resolve_model_folder(init_source(cfg.model.init)))["model_id"]
     dataset = ray.data.from_arrow(examples)
     storage = Path(cfg.run.storage_path).absolute()  # Ray Train needs an absolute path
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "init_model_id": init_model_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
