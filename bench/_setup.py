@@ -10,7 +10,7 @@ import ray
 
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
 from retrieval_platform.config import from_dict
-from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 
 
 def local_ray() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 from retrieval_platform.jobs import job_main
 
 CONFIG = BuildIndexConfig

@@ -22,11 +22,11 @@ from retrieval_platform.config import to_dict
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
+from retrieval_platform.index import Hits
+from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
 from retrieval_platform.io import write_json
 from retrieval_platform.metrics import aggregate, per_query_metrics
-from retrieval_platform.retrievers import Hits
-from retrieval_platform.retrievers.bm25 import BM25Retriever
 from retrieval_platform.retrievers.hybrid import Fusion, fuse, minmax_bounds, normalise
 
 log = logging.getLogger(__name__)

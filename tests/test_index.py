@@ -93,7 +93,7 @@ def test_filters_return_only_allowed_rows(kind):
 def built_index(ray_local, tmp_path_factory):
     from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
     from retrieval_platform.config import from_dict
-    from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 
     root = tmp_path_factory.mktemp("idx")
     prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 300},
@@ -154,7 +154,7 @@ def test_a_matryoshka_index_serves_the_first_dims(built_index):
     encoded the same way, and the answer equals brute force over those prefixes."""
     from retrieval_platform.config import from_dict
     from retrieval_platform.encoder.model import DualEncoder
-    from retrieval_platform.index.store import BuildIndexConfig, build_index_dir
+    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
     from retrieval_platform.serving.core import LocalSearcher
 
     root, _ = built_index

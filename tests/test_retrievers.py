@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval_platform.retrievers.bm25 import BM25Retriever
+from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.retrievers.hybrid import Fusion, fuse, rrf_fuse
 
 IDS = ["p1", "p2", "p3", "p4"]

@@ -17,7 +17,8 @@ from retrieval_platform.chaos import kill_serve_replica
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.backbones import build_tiny_backbone
 from retrieval_platform.encoder.model import DualEncoder
-from retrieval_platform.index.store import BuildIndexConfig, IndexLoadError, build_index_dir
+from retrieval_platform.index.store import IndexLoadError
+from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
 from retrieval_platform.serving.core import LocalSearcher

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from retrieval_platform.retrievers import Hits
+from retrieval_platform.index import Hits
 
 RRF_K = 60
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from retrieval_platform.encoder.model import DualEncoder, Kind, Precision, model_info
+from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.store import (
     CatalogFilter,
@@ -19,7 +20,6 @@ from retrieval_platform.index.store import (
     load_manifest,
     load_shard,
 )
-from retrieval_platform.retrievers.bm25 import BM25Retriever
 from retrieval_platform.retrievers.hybrid import Fusion, fuse
 
 Hit = dict[str, Any]  # product_id, title, score, shard, category, price, row

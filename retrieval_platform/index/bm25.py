@@ -10,7 +10,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from retrieval_platform.retrievers import Hits
+from retrieval_platform.index import Hits
 
 IDS_FILE = "product_ids.json"
 
