@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,41 +86,43 @@ def _embed(name: str, model: str, ds: PreparedDataset, qtexts: list[str],
     return cols["product_id"], xb, xq, model_info(folder)["model_id"]
 
 
+def _ranked(ids: list[str], qids: list[str], qrels: dict[str, dict[str, float]],
+            hits: list[Hits], all_scores: Callable[[int], np.ndarray], started: float
+            ) -> _Ranked:
+    """One retriever's top-depth ``hits`` per query, plus every judged product's score and
+    full-corpus rank from ``all_scores(query index)`` (n,), for grade-order accuracy."""
+    pos = {p: i for i, p in enumerate(ids)}
+    judged_scores, full_ranks = {}, {}
+    for qi, qid in enumerate(qids):
+        judged = [p for p in qrels[qid] if p in pos]
+        scores = all_scores(qi)  # (n,)
+        s = scores[[pos[p] for p in judged]]
+        judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
+        full_ranks[qid] = {p: int((scores > v).sum()) + 1 for p, v in zip(judged, s,
+                                                                          strict=True)}
+    return _Ranked(dict(zip(qids, hits, strict=True)), judged_scores, full_ranks,
+                   time.perf_counter() - started)
+
+
 def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
            qrels: dict[str, dict[str, float]], depth: int, seconds: float) -> _Ranked:
-    started = time.perf_counter()
-    pos = {p: i for i, p in enumerate(ids)}
+    """Exact inner-product search (FAISS flat) over every product."""
+    started = time.perf_counter() - seconds  # the embedding time counts too
     D, I = search_index(build_index(xb, IndexParams()), xq, depth, IndexParams())
-    hits, judged_scores, full_ranks = {}, {}, {}
-    for qi, qid in enumerate(qids):
-        hits[qid] = [(ids[i], float(d)) for d, i in zip(D[qi], I[qi], strict=True) if i >= 0]
-        judged = [p for p in qrels[qid] if p in pos]
-        all_scores = xb @ xq[qi]  # (n,)
-        s = all_scores[[pos[p] for p in judged]]
-        judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
-        full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
-                                                                              strict=True)}
-    return _Ranked(hits, judged_scores, full_ranks, seconds + time.perf_counter() - started)
+    hits = [[(ids[i], float(d)) for d, i in zip(D[qi], I[qi], strict=True) if i >= 0]
+            for qi in range(len(qids))]
+    return _ranked(ids, qids, qrels, hits, lambda qi: xb @ xq[qi], started)
 
 
 def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
           qrels: dict[str, dict[str, float]], depth: int) -> _Ranked:
+    """BM25 (the index's own, ``index.bm25``) over every product text."""
     started = time.perf_counter()
     products = ds.products(["product_id", "text"])
     ids = products["product_id"].to_pylist()
-    pos = {p: i for i, p in enumerate(ids)}
     bm25 = BM25Retriever(ids, products["text"].to_pylist())
-    found = bm25.search(qtexts, depth)
-    hits, judged_scores, full_ranks = {}, {}, {}
-    for qi, qid in enumerate(qids):
-        hits[qid] = [(p, float(score)) for p, score in found[qi]]
-        judged = [p for p in qrels[qid] if p in pos]
-        all_scores = bm25.all_scores(qtexts[qi])
-        s = all_scores[[pos[p] for p in judged]]
-        judged_scores[qid] = dict(zip(judged, s.tolist(), strict=True))
-        full_ranks[qid] = {p: int((all_scores > v).sum()) + 1 for p, v in zip(judged, s,
-                                                                              strict=True)}
-    return _Ranked(hits, judged_scores, full_ranks, time.perf_counter() - started)
+    hits = [[(p, float(score)) for p, score in found] for found in bm25.search(qtexts, depth)]
+    return _ranked(ids, qids, qrels, hits, lambda qi: bm25.all_scores(qtexts[qi]), started)
 
 
 def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int, fusion: Fusion) -> _Ranked:
