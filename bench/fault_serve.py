@@ -24,7 +24,7 @@ from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.chaos import kill_serve_replica
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config
-from retrieval_platform.serving.core import LocalSearcher
+from retrieval_platform.serving.search import LocalSearcher
 
 
 async def run_load(url: str, queries: list[str], expected: dict[str, list[str]],

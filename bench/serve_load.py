@@ -25,7 +25,7 @@ from _setup import local_ray, synthetic_catalog, synthetic_index
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config
-from retrieval_platform.serving.core import LocalSearcher
+from retrieval_platform.serving.search import LocalSearcher
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:

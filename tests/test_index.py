@@ -107,7 +107,7 @@ def built_index(ray_local, tmp_path_factory):
 
 def test_build_index_publishes_a_verifiable_version(built_index):
     from retrieval_platform.index.store import load_manifest, load_shard, resolve_index_dir
-    from retrieval_platform.serving.core import LocalSearcher
+    from retrieval_platform.serving.search import LocalSearcher
 
     root, manifest = built_index
     assert resolve_index_dir(root / "indexes") == root / "indexes" / "v1"
@@ -133,7 +133,7 @@ def test_hybrid_requests_use_the_index_versions_fusion(built_index):
     """The manifest records the fusion (RRF by default); hybrid answers are exactly
     ``retrievers.hybrid.fuse`` of the dense and lexical lists, convex fusion included."""
     from retrieval_platform.retrievers.hybrid import Fusion, fuse
-    from retrieval_platform.serving.core import LocalSearcher
+    from retrieval_platform.serving.search import LocalSearcher
 
     root, manifest = built_index
     assert manifest["fusion"] == {"method": "rrf", "dense_weight": 0.5, "rrf_k": 60}
@@ -155,7 +155,7 @@ def test_a_matryoshka_index_serves_the_first_dims(built_index):
     from retrieval_platform.config import from_dict
     from retrieval_platform.encoder.model import DualEncoder
     from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
-    from retrieval_platform.serving.core import LocalSearcher
+    from retrieval_platform.serving.search import LocalSearcher
 
     root, _ = built_index
     manifest = build_index_dir(from_dict(BuildIndexConfig, {

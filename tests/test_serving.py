@@ -21,7 +21,7 @@ from retrieval_platform.index.store import IndexLoadError
 from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
-from retrieval_platform.serving.core import LocalSearcher
+from retrieval_platform.serving.search import LocalSearcher
 
 API_KEY = "test-key-0123456789"
 QUERIES = ["red running shoes", "stainless steel kettle", "phone case", "cordless drill 18V"]

@@ -30,7 +30,7 @@ from retrieval_platform.serving.app import (
     shard_name,
     version_configs,
 )
-from retrieval_platform.serving.core import load_encoder_for
+from retrieval_platform.serving.search import load_encoder_for
 
 log = logging.getLogger(__name__)
 

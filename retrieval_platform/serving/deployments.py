@@ -24,7 +24,13 @@ from ray.serve.metrics import Counter, Histogram
 
 from retrieval_platform.index.store import load_bm25, load_shard
 from retrieval_platform.serving import guard
-from retrieval_platform.serving.core import (
+from retrieval_platform.serving.schemas import (
+    Health,
+    SearchRequest,
+    SearchResponse,
+    ShardStatus,
+)
+from retrieval_platform.serving.search import (
     HYBRID_DEPTH,
     fuse_hits,
     fusion_of,
@@ -33,12 +39,6 @@ from retrieval_platform.serving.core import (
     merge_hits,
     shard_hits,
     to_filter,
-)
-from retrieval_platform.serving.schemas import (
-    Health,
-    SearchRequest,
-    SearchResponse,
-    ShardStatus,
 )
 
 log = logging.getLogger("ray.serve")
