@@ -20,6 +20,7 @@ the checksum of the weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -67,6 +68,7 @@ class EncoderSettings:
     base: str = ""  # the backbone this model started from
 
 
+@functools.cache
 def native_bf16(device: str = "cpu") -> bool:
     """Whether bfloat16 matrix products run natively here: a CUDA device, or a CPU with
     AVX512-BF16 or AMX. Elsewhere PyTorch emulates them and bf16 is several times slower."""
@@ -110,6 +112,13 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         last = (mask * positions).argmax(dim=1)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
     raise ValueError(f"unknown pooling {mode!r} (use 'last' or 'mean')")
+
+
+def length_chunks(texts: list[str], size: int) -> list[list[int]]:
+    """Indices of ``texts`` sorted by length, in chunks of ``size``: each chunk padded to its
+    own longest text wastes little (encoding and training both batch this way)."""
+    order = np.argsort([len(t) for t in texts], kind="stable").tolist()
+    return [order[lo : lo + size] for lo in range(0, len(texts), size)]
 
 
 def truncate(x: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -193,10 +202,8 @@ class DualEncoder(nn.Module):
         try:
             width = self.dim if dim is None else min(dim, self.dim)
             out = np.empty((len(texts), width), dtype=np.float32)
-            order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                for start in range(0, len(texts), batch_size):
-                    idx = order[start : start + batch_size]
+                for idx in length_chunks(texts, batch_size):
                     vectors = truncate(self.embed([texts[i] for i in idx], kind).float(), dim)
                     out[idx] = vectors.cpu().numpy()
             return out

@@ -25,7 +25,12 @@ import torch.distributed as dist
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.lora import add_lora
-from retrieval_platform.encoder.model import DualEncoder, resolve_precision, truncate
+from retrieval_platform.encoder.model import (
+    DualEncoder,
+    length_chunks,
+    resolve_precision,
+    truncate,
+)
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 from retrieval_platform.training.config import TrainConfig
@@ -143,11 +148,10 @@ def embed_bucketed(model: DualEncoder, forward: Any, texts: list[str], kind: str
     titles next to a few long ones, is not computed. ``bucket`` 0: one pass."""
     if not bucket or len(texts) <= bucket:
         return forward(**model.tokenize(texts, kind))  # (N, D)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    parts = [forward(**model.tokenize([texts[i] for i in order[lo : lo + bucket]], kind))
-             for lo in range(0, len(texts), bucket)]
+    chunks = length_chunks(texts, bucket)
+    parts = [forward(**model.tokenize([texts[i] for i in idx], kind)) for idx in chunks]
     inverse = torch.empty(len(texts), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(texts))
+    inverse[torch.tensor([i for idx in chunks for i in idx])] = torch.arange(len(texts))
     return torch.cat(parts)[inverse]  # (N, D)
 
 
