@@ -9,8 +9,13 @@ batch and loss (``--negatives`` mined-style negatives per pair):
 - Ray Train, one worker holding every core (no gradient all-reduce between processes);
 - a plain single-process PyTorch loop, fp32.
 
+With ``--lora``, instead: full fine-tuning against LoRA adapters (rank 32, alpha 64, dropout
+0.1, the paper's), both through Ray Train with the fastest recipe above (bucketed, precision
+auto), optionally with the backbone cut to ``--num-layers``.
+
     python bench/train_throughput.py [--backbone minilm-l6] [--steps 20] [--global-batch 64]
         [--prepared runs/data/homedepot]   (default: a generated 3,000-product catalog)
+        [--lora] [--num-layers N]
 
 Each runs 2·steps steps and measures samples/s (pairs per second) over the last ``steps`` (the
 first half warms up); ratios are to the first row.
@@ -29,6 +34,7 @@ from _setup import local_ray, synthetic_catalog
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import from_dict, to_dict
+from retrieval_platform.encoder.lora import LoraSettings
 from retrieval_platform.encoder.model import resolve_precision
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, sample_negatives
@@ -63,12 +69,13 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
 
 
 def ray_train(base: TrainConfig, workers: int, cpus: int, global_batch: int,
-              bucket: int = 0, precision: str = "fp32") -> float:
+              bucket: int = 0, precision: str = "fp32", lora: bool = False) -> float:
     cfg = from_dict(TrainConfig, to_dict(base))
     cfg.optim.length_bucket, cfg.optim.precision = bucket, precision
+    cfg.model.lora = LoraSettings() if lora else None
     cfg.optim.batch_size = global_batch // workers
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, cpus / workers
-    cfg.run.name = f"bench-{workers}w-{bucket}-{precision}"
+    cfg.run.name = f"bench-{workers}w-{bucket}-{precision}-{'lora' if lora else 'full'}"
     return train(cfg).metrics["samples_per_s"]  # the last report: the second half
 
 
@@ -80,13 +87,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--prepared", help="a prepared dataset (default: a generated one)")
+    parser.add_argument("--lora", action="store_true", help="full fine-tuning vs LoRA")
+    parser.add_argument("--num-layers", type=int, help="cut the backbone after N layers")
     parser.add_argument("--json")
     args = parser.parse_args()
     cpus = local_ray()
     tmp = synthetic_catalog(3000, "train-bench-")
     prepared = args.prepared or f"{tmp}/data"
     cfg = from_dict(TrainConfig, {
-        "model": {"init": args.backbone, "max_query_length": 24, "max_product_length": 48},
+        "model": {"init": args.backbone, "max_query_length": 24, "max_product_length": 48,
+                  "num_layers": args.num_layers},
         "data": {"prepared_dir": prepared, "hard_negatives": args.negatives},
         "optim": {"max_steps": 2 * args.steps, "warmup_steps": 2, "length_bucket": 0},
         "run": {"storage_path": f"{tmp}/runs", "log_every": args.steps,
@@ -96,13 +106,17 @@ def main() -> None:
     examples = contrastive_examples(PreparedDataset(prepared), hard_negatives=args.negatives)
     w, gb = args.workers, args.global_batch
     runs = {
+        f"ray_train_{w}x1cpu_full": lambda: ray_train(cfg, w, cpus, gb, 32, "auto"),
+        f"ray_train_{w}x1cpu_lora": lambda: ray_train(cfg, w, cpus, gb, 32, "auto", lora=True),
+    } if args.lora else {
         f"ray_train_{w}x1cpu_fp32": lambda: ray_train(cfg, w, cpus, gb),
         f"ray_train_{w}x1cpu_fp32_bucketed": lambda: ray_train(cfg, w, cpus, gb, 32),
     }
-    if resolve_precision("auto") == "bf16":  # emulated bf16 is much slower: not measured
+    # emulated bf16 is much slower: not measured
+    if resolve_precision("auto") == "bf16" and not args.lora:
         runs[f"ray_train_{w}x1cpu_bf16_bucketed"] = lambda: ray_train(cfg, w, cpus, gb, 32,
                                                                       "bf16")
-    runs |= {
+    runs |= {} if args.lora else {
         f"ray_train_1x{cpus}cpu_fp32": lambda: ray_train(cfg, 1, cpus, gb),
         f"plain_{cpus}threads_fp32": lambda: plain_loop(cfg, examples, gb, args.steps,
                                                         args.steps, cpus),
@@ -113,7 +127,8 @@ def main() -> None:
         print(f"{name}: {rows[name]:.2f} pairs/s", flush=True)
     first = next(iter(rows.values()))
     out = {
-        "backbone": args.backbone, "cpus": cpus, "global_batch": args.global_batch,
+        "backbone": args.backbone, "num_layers": args.num_layers, "cpus": cpus,
+        "precision": resolve_precision("auto"), "global_batch": args.global_batch,
         "steps_measured": args.steps,
         "pairs_per_s": {k: round(v, 2) for k, v in rows.items()},
         "ratio_to_first": {k: round(v / first, 3) for k, v in rows.items()},

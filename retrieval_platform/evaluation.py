@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
@@ -48,6 +49,9 @@ class EvaluateConfig:
     fusions: list[Fusion] = field(default_factory=lambda: [Fusion()])
     depth: int = 100  # retrieved per query and per system
     max_queries: int | None = None  # a seeded sample of the split's judged queries
+    # a seeded sample of the corpus: every judged product of the evaluated queries, plus random
+    # others up to this many (learning curves, quick checks); null: the full corpus
+    max_products: int | None = None
     seed: int = 0
     output_dir: str = "runs/reports/synthetic"
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -72,12 +76,32 @@ def hybrid_name(system: str, fusion: Fusion) -> str:
     return f"hybrid({system}+bm25{suffix})"
 
 
-def _embed(name: str, model: str, ds: PreparedDataset, qtexts: list[str],
+def corpus(ds: PreparedDataset, qrels: dict[str, dict[str, float]], max_products: int | None,
+           seed: int) -> pa.Table:
+    """The products searched (``product_id``, ``text``): all of them, or with ``max_products``
+    every judged product of ``qrels`` plus a seeded random sample of the others up to that
+    many (the judged ones always count)."""
+    table = ds.products(["product_id", "text"])
+    if not max_products or table.num_rows <= max_products:
+        return table
+    ids = table["product_id"].to_numpy(zero_copy_only=False)
+    judged = {p for j in qrels.values() for p in j}
+    is_judged = np.isin(ids, list(judged))
+    others = np.flatnonzero(~is_judged)
+    extra = max(0, max_products - int(is_judged.sum()))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(others, min(extra, len(others)), replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(is_judged), pick]))
+    return table.take(keep)
+
+
+def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtexts: list[str],
            cfg: EvaluateConfig) -> tuple[list[str], np.ndarray, np.ndarray, str]:
-    """Every product (Ray Data, the one encode path) and every query, at full dimension."""
+    """Every product searched (Ray Data, the one encode path) and every query, at full
+    dimension."""
     started = time.perf_counter()
     folder = resolve_model_folder(model)
-    embedded = embed_products(ds.products_dataset(["product_id", "text"]), str(folder), cfg.embed)
+    embedded = embed_products(ds.products_dataset(table=products), str(folder), cfg.embed)
     cols, xb = collect(embedded, ["product_id"])
     encoder = DualEncoder.from_pretrained(folder)
     xq = encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
@@ -114,11 +138,10 @@ def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
     return _ranked(ids, qids, qrels, hits, lambda qi: xb @ xq[qi], started)
 
 
-def _bm25(ds: PreparedDataset, qids: list[str], qtexts: list[str],
+def _bm25(products: pa.Table, qids: list[str], qtexts: list[str],
           qrels: dict[str, dict[str, float]], depth: int) -> _Ranked:
-    """BM25 (the index's own, ``index.bm25``) over every product text."""
+    """BM25 (the index's own, ``index.bm25``) over every product text searched."""
     started = time.perf_counter()
-    products = ds.products(["product_id", "text"])
     ids = products["product_id"].to_pylist()
     bm25 = BM25Retriever(ids, products["text"].to_pylist())
     hits = [[(p, float(score)) for p, score in found] for found in bm25.search(qtexts, depth)]
@@ -160,6 +183,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         qrels = {q: qrels[q] for q in qids}
     text_of = ds.query_texts(cfg.split)
     qtexts = [text_of[q] for q in qids]
+    products = corpus(ds, qrels, cfg.max_products, cfg.seed)
     unknown = [h for h in cfg.hybrid if h not in cfg.models]
     if unknown:
         raise PlatformError(f"hybrid names {unknown} are not among models {list(cfg.models)}")
@@ -168,14 +192,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model_ids: dict[str, str] = {}
     for name, model in cfg.models.items():
         started = time.perf_counter()
-        ids, xb, xq, model_ids[name] = _embed(name, model, ds, qtexts, cfg)
+        ids, xb, xq, model_ids[name] = _embed(name, model, ds, products, qtexts, cfg)
         seconds = time.perf_counter() - started
         ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
         for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
             ranked[f"{name}@{d}"] = _dense(ids, first_dims(xb, d), first_dims(xq, d), qids,
                                            qrels, cfg.depth, seconds)
     if cfg.bm25 or cfg.hybrid:
-        lexical = _bm25(ds, qids, qtexts, qrels, cfg.depth)
+        lexical = _bm25(products, qids, qtexts, qrels, cfg.depth)
         if cfg.bm25:
             ranked["bm25"] = lexical
         for name in cfg.hybrid:
@@ -193,7 +217,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                for name in ranked}
     report = {
         "dataset": str(ds.path), "split": cfg.split, "queries": len(qids),
-        "products": ds.manifest["counts"]["products"]["accepted"],
+        "products": products.num_rows,
+        "full_corpus": products.num_rows == ds.manifest["counts"]["products"]["accepted"],
         "gain_map": scale.describe_gains(), "top_grade": f"grade >= {scale.top_threshold:g}",
         "models": {name: {"path": str(resolve_model_folder(m)), "model_id": model_ids[name]}
                    for name, m in cfg.models.items()},
@@ -218,7 +243,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {Path(report['dataset']).name}, split {report['split']}",
         "",
-        f"Full-corpus retrieval over {report['products']} products, {report['queries']} queries. "
+        f"{'Full-corpus' if report.get('full_corpus', True) else 'Sampled-corpus'} retrieval "
+        f"over {report['products']} products, {report['queries']} queries. "
         f"Gain map: {report['gain_map']}. Recall and MRR count {report['top_grade']} as "
         "top grade. Grade-order accuracy: share of judged pairs with different grades that the "
         "system scores in the right order (_gap: pairs at least 1 grade apart).",

@@ -195,3 +195,39 @@ def test_encode_at_a_matryoshka_dimension_is_the_renormalised_prefix(tiny):
     assert short.shape == (3, 16)
     prefix = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
     np.testing.assert_allclose(short, prefix, rtol=1e-5, atol=1e-6)
+
+
+def test_template_suffix_survives_truncation_and_its_last_token_is_pooled(tiny):
+    model = DualEncoder.from_pretrained(
+        "tiny", product_prefix='This product: "', product_suffix='" means in one word: "',
+        add_special_tokens=False, max_product_length=4)
+    long_text = "stainless steel electric kettle with a very long name and more words"
+    batch = model.tokenize([long_text, "kettle"], "product")
+    texts = [model.tokenizer.decode(ids[mask.bool()])
+             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    # the template's end is the last token (no appended EOS), also under truncation
+    assert all(t.endswith('" means in one word: "') for t in texts), texts
+    assert texts[1].strip() == 'This product: "kettle" means in one word: "'
+    assert "more words" not in texts[0]  # the text itself was cut to its budget
+    # the default settings still append EOS and pool it
+    assert tiny.tokenize(["kettle"], "product")["input_ids"][0, -1] == tiny.tokenizer.eos_token_id
+
+
+def test_num_layers_pools_that_layers_state_through_the_final_norm(tmp_path):
+    full = DualEncoder.from_pretrained("tiny")
+    cut = DualEncoder.from_pretrained("tiny", num_layers=1)
+    assert len(cut.backbone.layers) == 1 and cut.backbone.config.num_hidden_layers == 1
+    batch = full.tokenize(["red kettle", "queen bed sheets"], "product")
+    with torch.no_grad():
+        states = full.backbone(**batch, output_hidden_states=True).hidden_states  # per layer
+        expected = torch.nn.functional.normalize(
+            pool(full.backbone.norm(states[1]), batch["attention_mask"], "last"), dim=-1)
+        assert_close(cut(**batch), expected, atol=1e-5, rtol=1e-5)
+    # a saved cut model is a plain, smaller folder that loads as it is
+    cut.save(tmp_path / "cut")
+    again = DualEncoder.from_pretrained(tmp_path / "cut")
+    assert len(again.backbone.layers) == 1
+    np.testing.assert_allclose(again.encode(["red kettle"], "product"),
+                               cut.encode(["red kettle"], "product"), atol=1e-6)
+    with pytest.raises(PlatformError, match="num_layers"):
+        DualEncoder.from_pretrained("tiny", num_layers=5)

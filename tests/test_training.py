@@ -217,3 +217,16 @@ def test_a_stage_job_refuses_a_config_of_the_other_stage(tmp_path):
     cfg = from_dict(TrainConfig, {"stage": "contrastive", "output_dir": str(tmp_path / "m")})
     with pytest.raises(PlatformError, match=r"run it with train_jobs\.contrastive"):
         stage_job("roar")(cfg)
+
+
+def test_sampled_corpus_keeps_every_judged_product(prepared):
+    from retrieval_platform.evaluation import corpus
+
+    ds = PreparedDataset(prepared)
+    qrels = ds.qrels("dev")
+    judged = {p for j in qrels.values() for p in j}
+    sample = corpus(ds, qrels, len(judged) + 50, seed=3)
+    ids = sample["product_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(judged) + 50 and judged <= set(ids)
+    assert ids == corpus(ds, qrels, len(judged) + 50, seed=3)["product_id"].to_pylist()
+    assert corpus(ds, qrels, None, seed=3).num_rows == ds.products().num_rows

@@ -56,13 +56,15 @@ class PreparedDataset:
     def product_files(self) -> list[str]:
         return [str(f) for f in sorted((self.path / "products").glob("*.parquet"))]
 
-    def products_dataset(self, columns: list[str] | None = None, rows_per_block: int = 1024):
-        """The products as a Ray Dataset of small blocks, so that every actor of a pool that
-        consumes it has work (a prepared catalog is a few large files). The driver reads only
-        the columns asked for; the blocks go to the object store."""
+    def products_dataset(self, columns: list[str] | None = None, rows_per_block: int = 1024,
+                         table: pa.Table | None = None):
+        """The products (or ``table``, some of them) as a Ray Dataset of small blocks, so that
+        every actor of a pool that consumes it has work (a prepared catalog is a few large
+        files). The driver reads only the columns asked for; the blocks go to the object
+        store."""
         import ray.data
 
-        table = self.products(columns)
+        table = self.products(columns) if table is None else table
         blocks = [table.slice(i, rows_per_block)
                   for i in range(0, max(table.num_rows, 1), rows_per_block)]
         return ray.data.from_arrow(blocks)

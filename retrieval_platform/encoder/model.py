@@ -3,9 +3,14 @@
 METHOD.md "Encoder":  e(x) = normalize(pool(backbone(prompt(x))))
 
 - ``prompt``: queries get the instruction prefix; products are the rendered product text
-  (rendered once, by ``prepare_catalog``).
+  (rendered once, by ``prepare_catalog``). Either kind may be wrapped in a template, a prefix and
+  a suffix around the (truncated) text: a PromptEOL-style template ends with a question whose
+  answer the last token is to give ("... means in one word: \"").
 - ``pool``: the last non-padding token for decoder LLMs, the mean over tokens for bidirectional
-  encoders; chosen from the backbone's config, overridable.
+  encoders; chosen from the backbone's config, overridable. Which token is last is a setting
+  (``add_special_tokens``: the tokenizer's appended EOS, or the text's or template's own last
+  token), and so is which layer's state is pooled (``num_layers``: the backbone cut after that
+  many layers, its final norm kept; a plain, smaller model folder).
 - Similarity s(q, d) = e(q) · e(d): unit vectors, so FAISS inner product is cosine.
 
 :meth:`DualEncoder.encode` is the one path from text to vectors used by Ray Data (catalog
@@ -66,6 +71,12 @@ class EncoderSettings:
     max_query_length: int = 32
     max_product_length: int = 128
     base: str = ""  # the backbone this model started from
+    query_suffix: str = ""  # after the query text (a template's end; kept under truncation)
+    product_suffix: str = ""
+    # the tokenizer's special tokens (our decoders: an appended EOS, pooled by "last"); false:
+    # the text's or template's own last token is pooled
+    add_special_tokens: bool = True
+    num_layers: int | None = None  # keep the backbone's first N layers (None: all of them)
 
 
 @functools.cache
@@ -158,16 +169,22 @@ class DualEncoder(nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
+        s = self.settings
         if kind == "query":
-            prefix, max_length = self.settings.query_instruction, self.settings.max_query_length
+            prefix, suffix, max_length = s.query_instruction, s.query_suffix, s.max_query_length
         elif kind == "product":
-            prefix, max_length = self.settings.product_prefix, self.settings.max_product_length
+            prefix, suffix, max_length = s.product_prefix, s.product_suffix, s.max_product_length
         else:
             raise ValueError(f"kind must be 'query' or 'product', got {kind!r}")
-        batch = self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True,
-            max_length=max_length + self._prefix_tokens(prefix), return_tensors="pt",
-        )
+        if suffix:  # cut the text itself to its budget, so that the template's end survives
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            texts = [t if len(i) <= max_length else self.tokenizer.decode(i[:max_length]).strip()
+                     for t, i in zip(texts, ids, strict=True)]
+        limit = {} if suffix else {"truncation": True,
+                                     "max_length": max_length + self._prefix_tokens(prefix)}
+        batch = self.tokenizer([prefix + t + suffix for t in texts], padding=True,
+                               add_special_tokens=s.add_special_tokens, return_tensors="pt",
+                               **limit)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def _prefix_tokens(self, prefix: str) -> int:
@@ -251,7 +268,27 @@ class DualEncoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{folder}: cannot load the model ({exc})") from None
+        if settings.num_layers is not None:
+            keep_layers(backbone, settings.num_layers)
         return cls(backbone, tokenizer, settings)
+
+
+def keep_layers(backbone: nn.Module, n: int) -> None:
+    """Cut a decoder backbone after its first ``n`` layers (the final norm stays): the pooled
+    state is then layer ``n``'s. The config says ``n`` layers, so a saved folder is a plain,
+    smaller model that loads as it is."""
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise PlatformError(f"num_layers: {type(backbone).__name__} has no decoder layer list")
+    if not 1 <= n <= len(layers):
+        raise PlatformError(f"num_layers must be in 1..{len(layers)}, got {n}")
+    if n == len(layers):
+        return
+    backbone.layers = layers[:n]
+    config = backbone.config
+    config.num_hidden_layers = n
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (newer configs)
+        config.layer_types = config.layer_types[:n]
 
 
 def _settings_of(folder: Path) -> EncoderSettings:

@@ -15,6 +15,12 @@ class ModelConfig:
     query_instruction: str | None = None
     max_query_length: int | None = None
     max_product_length: int | None = None
+    # a template around the texts, which token is pooled, which layer (encoder/model.py)
+    product_prefix: str | None = None
+    query_suffix: str | None = None
+    product_suffix: str | None = None
+    add_special_tokens: bool | None = None
+    num_layers: int | None = None
     lora: LoraSettings | None = None  # train LoRA adapters only (decoders); null: full fine-tune
 
 

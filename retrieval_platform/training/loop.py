@@ -14,7 +14,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +282,8 @@ def init_source(init: str) -> str:
 
 def _load_init(model_cfg: Any) -> DualEncoder:
     src = init_source(model_cfg.init)
-    model = DualEncoder.from_pretrained(
-        src, pooling=model_cfg.pooling, query_instruction=model_cfg.query_instruction,
-        max_query_length=model_cfg.max_query_length,
-        max_product_length=model_cfg.max_product_length,
-    )
+    overrides = {k: v for k, v in asdict(model_cfg).items() if k not in ("init", "lora")}
+    model = DualEncoder.from_pretrained(src, **overrides)
     for name, param in model.backbone.named_parameters():
         if name.startswith("pooler."):  # BERT's pooler is not used by our pooling: keep it frozen
             param.requires_grad_(False)
