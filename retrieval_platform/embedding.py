@@ -20,7 +20,7 @@ class EmbedConfig:
     encode_batch_size: int = 64  # texts per forward pass
     actors: int = 2  # Ray Data actor pool size
     cpus_per_actor: float = 0.9  # a little under 1 leaves room for the read tasks
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
 
 
 class ProductEmbedder:

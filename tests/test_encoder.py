@@ -164,8 +164,9 @@ def test_smollm2_converts_from_gguf_and_pools_last_token():
     model = DualEncoder.from_pretrained("smollm2-135m")
     assert model.settings.pooling == "last" and model.dim == 576
     assert model.tokenizer.pad_token is not None
+    # PromptEOL by default: the template's closing quote is the pooled token, no EOS after it
     ids = model.tokenize(["kettle"], "product")["input_ids"][0]
-    assert ids[-1].item() == model.tokenizer.eos_token_id
+    assert model.tokenizer.decode(ids) == 'This product: "kettle" means in one word: "'
     vecs = model.encode(["stainless kettle", "running shoes"], "product")
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
     folder = backbones.cache_dir() / "backbones" / "smollm2-135m-v1"
@@ -231,3 +232,16 @@ def test_num_layers_pools_that_layers_state_through_the_final_norm(tmp_path):
                                cut.encode(["red kettle"], "product"), atol=1e-6)
     with pytest.raises(PlatformError, match="num_layers"):
         DualEncoder.from_pretrained("tiny", num_layers=5)
+
+
+def test_int8_encode_quantises_linear_layers_and_stays_close(tiny):
+    texts = ["red running shoes", "stainless kettle 1.7 L", "queen bed sheets"]
+    fp32 = tiny.encode(texts, "product")
+    int8 = tiny.encode(texts, "product", precision="int8")
+    np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, rtol=1e-5)
+    assert (fp32 * int8).sum(axis=1).min() >= 0.99 and not np.array_equal(fp32, int8)
+    linear = [m for m in tiny.int8_backbone().modules() if type(m).__name__ == "Linear"]
+    assert linear and all(".quantized.dynamic" in type(m).__module__ for m in linear)
+    assert tiny.int8_backbone() is tiny.int8_backbone()  # made once
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_precision("int8", "cuda")

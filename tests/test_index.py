@@ -72,16 +72,37 @@ def test_approximate_indexes_find_most_true_neighbours(kind, extra, min_recall):
     assert recall >= min_recall
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw", "ivf_pq"])
-def test_filters_return_only_allowed_rows(kind):
+def test_refined_ivf_pq_factory_reranks_its_candidates_exactly():
+    """IVF-PQ alone ranks by compressed codes; with ",RFlat" the k · k_factor candidates are
+    re-scored with the stored vectors: exact scores, and recall at least as high."""
+    xb, xq = _data(n=12000)
+    _, I_ref = brute_force_topk(xq, xb, 10)
+
+    def recall(I):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)])
+    pq = IndexParams(factory="IVF64,PQ8x8", nprobe=64)
+    refined = IndexParams(factory="IVF64,PQ8x8,RFlat", nprobe=64, k_factor=8)
+    _, I_pq = search_index(build_index(xb, pq), xq, 10, pq)
+    D, I = search_index(build_index(xb, refined), xq, 10, refined)
+    assert recall(I) >= max(recall(I_pq), 0.9)
+    exact = np.take_along_axis(xq @ xb.T, I, axis=1)  # the refined scores are the exact ones
+    np.testing.assert_allclose(D, exact, atol=1e-5)
+    with pytest.raises(ValueError, match="FAISS cannot build"):
+        build_index(xb, IndexParams(factory="IVF64,PQ7"))  # 7 does not divide 32
+
+
+@pytest.mark.parametrize(("kind", "factory"), [
+    ("flat", None), ("ivf_flat", None), ("hnsw", None), ("ivf_pq", None),
+    ("flat", "HNSW16"), ("flat", "IVF32,PQ8x4fs,RFlat"), ("flat", "IVF32,PQ8")])
+def test_filters_return_only_allowed_rows(kind, factory):
     xb, xq = _data(n=2000)
-    params = IndexParams(kind=kind, pq_m=8)
+    params = IndexParams(kind=kind, pq_m=8, factory=factory)
     index = build_index(xb, params)
     allowed = np.zeros(len(xb), dtype=bool)
     allowed[[3, 50, 700, 1999]] = True  # selective: exact search on the subset
     _, I = search_index(index, xq, 10, params, allowed)
     assert set(I[I >= 0].tolist()) <= {3, 50, 700, 1999}
-    if kind != "ivf_pq":  # exact on the subset: the same as brute force over it
+    if kind != "ivf_pq" and factory != "IVF32,PQ8":  # exact on the subset: brute force over it
         _, I_ref = brute_force_topk(xq, xb[allowed], 4)
         np.testing.assert_array_equal(I[:, :4], np.flatnonzero(allowed)[I_ref])
     half = np.arange(len(xb)) % 2 == 0  # broad filter: the index's own filtered search

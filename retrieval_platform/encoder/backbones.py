@@ -19,8 +19,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir
@@ -46,6 +47,7 @@ class BackboneSpec:
     max_product_length: int
     resolve: Callable[[], Path]  # -> a Hugging Face model folder
     install_hint: str = ""
+    template: dict[str, Any] = field(default_factory=dict)  # more EncoderSettings defaults
 
 
 def _require(module: str, hint: str) -> None:
@@ -181,14 +183,24 @@ def _smollm2() -> Path:
     return _cached("smollm2-135m-v1", _build_smollm2)
 
 
+# PromptEOL (Jiang et al., 2023): the text inside a question that its next word answers; the
+# last token (the closing quote) is pooled, with no EOS after it. For SmolLM2-Instruct zero-shot
+# on a Home Depot dev sample (bench/pooling.py, docs/RESULTS.md): NDCG@10 0.158, against 0.011
+# pooling the appended EOS and 0.134 the text's last token at layer 20.
+PROMPTEOL = {
+    "query_instruction": 'This search query: "', "query_suffix": '" means in one word: "',
+    "product_prefix": 'This product: "', "product_suffix": '" means in one word: "',
+    "add_special_tokens": False,
+}
+
 BACKBONES: dict[str, BackboneSpec] = {
     "tiny": BackboneSpec("tiny", "last", DEFAULT_QUERY_INSTRUCTION, 32, 64, _tiny),
     # MiniLM was not trained with instructions: a long one lowered its zero-shot NDCG@10 in an
     # early check on a small Home Depot pool; a short prefix keeps queries distinct (full-corpus
     # zero-shot with it: 0.276 on dev, docs/RESULTS.md).
     "minilm-l6": BackboneSpec("minilm-l6", "mean", "query: ", 32, 128, _minilm, MINILM_HINT),
-    "smollm2-135m": BackboneSpec("smollm2-135m", "last", DEFAULT_QUERY_INSTRUCTION, 32, 96,
-                                 _smollm2, SMOLLM2_HINT),
+    "smollm2-135m": BackboneSpec("smollm2-135m", "last", PROMPTEOL["query_instruction"], 32, 96,
+                                 _smollm2, SMOLLM2_HINT, PROMPTEOL),
 }
 
 

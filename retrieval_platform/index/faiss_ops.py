@@ -43,10 +43,15 @@ class IndexParams:
     pq_nbits: int = 8
     train_size: int = 100_000  # vectors sampled to train IVF / PQ (at least 39 per list)
     filter_exact_fraction: float = 0.2  # filters keeping less than this: exact search on subset
+    # a FAISS index_factory string (inner product), used instead of ``kind``: "Flat",
+    # "IVF1024,Flat", "HNSW32", "IVF1024,PQ48x8", "IVF1024,PQ48x4fs,RFlat" (IVF-PQ whose
+    # candidates are re-ranked with the exact vectors), ...; nprobe / ef_search still apply
+    factory: str | None = None
+    k_factor: int = 4  # refined indexes (",RFlat"): k · k_factor candidates re-ranked exactly
 
     def __post_init__(self) -> None:
-        if self.nprobe < 1 or self.ef_search < 1 or self.hnsw_m < 2:
-            raise ValueError("nprobe, ef_search must be >= 1 and hnsw_m >= 2")
+        if self.nprobe < 1 or self.ef_search < 1 or self.hnsw_m < 2 or self.k_factor < 1:
+            raise ValueError("nprobe, ef_search, k_factor must be >= 1 and hnsw_m >= 2")
 
 
 def build_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Index:
@@ -54,6 +59,8 @@ def build_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Ind
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     n, d = xb.shape
     ip = faiss.METRIC_INNER_PRODUCT
+    if params.factory:
+        return _from_factory(xb, params, seed)
     if params.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif params.kind == "hnsw":
@@ -83,8 +90,48 @@ def build_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Ind
     return index
 
 
+def _from_factory(xb: np.ndarray, params: IndexParams, seed: int) -> faiss.Index:
+    """An index from ``params.factory`` (inner product), trained on a seeded sample."""
+    n, d = xb.shape
+    try:
+        index = faiss.index_factory(d, params.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS cannot build {params.factory!r} for d={d}: "
+                         f"{str(exc).splitlines()[-1]}") from None
+    ivf = _ivf_of(index)
+    if not index.is_trained:
+        lists = ivf.nlist if ivf is not None else 1
+        size = max(params.train_size, 39 * lists, 256 * 39)  # PQ's 256 centroids want 39 each
+        rng = np.random.default_rng(seed)
+        if ivf is not None:
+            ivf.cp.seed = seed
+        index.train(xb if n <= size else xb[rng.choice(n, size, replace=False)])
+    index.add(xb)
+    if ivf is not None:
+        ivf.make_direct_map()  # filtered search reconstructs vectors by id
+    return index
+
+
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def exact_vectors(index: faiss.Index) -> bool:
+    """Whether ``index.reconstruct`` gives back the exact vectors (flat storage)."""
+    if isinstance(index, faiss.IndexRefine):
+        return isinstance(faiss.downcast_index(index.refine_index), faiss.IndexFlat)
+    return isinstance(index, faiss.IndexFlat | faiss.IndexIVFFlat | faiss.IndexHNSWFlat)
+
+
 def _search_params(index: faiss.Index, params: IndexParams,
                    selector: faiss.IDSelector | None) -> faiss.SearchParameters:
+    if isinstance(index, faiss.IndexRefine):  # the base index's parameters, k · k_factor deep
+        base = _search_params(faiss.downcast_index(index.base_index), params, selector)
+        return faiss.IndexRefineSearchParameters(k_factor=params.k_factor,
+                                                 base_index_params=base, sel=selector)
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=params.nprobe)
     if isinstance(index, faiss.IndexHNSW):
@@ -112,9 +159,11 @@ def search_index(
         return (np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64))
     selective = ids.size < params.filter_exact_fraction * index.ntotal
     if selective and not isinstance(index, faiss.IndexFlat):
-        if not isinstance(index, faiss.IndexIVFPQ):  # exact vectors can be reconstructed
+        if exact_vectors(index):
             return subset_topk(xq, index.reconstruct_batch(ids), ids, k)
-        params = dataclasses.replace(params, nprobe=index.nlist)  # visit every list
+        ivf = _ivf_of(index)
+        if ivf is not None:
+            params = dataclasses.replace(params, nprobe=ivf.nlist)  # visit every list
     selector = faiss.IDSelectorBatch(ids)
     return index.search(xq, k, params=_search_params(index, params, selector))
 

@@ -23,7 +23,7 @@ class EncoderArgs(BaseModel):
     cpus: float = Field(0.5, gt=0)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
     threads: int | None = Field(None, ge=1, description="torch threads per replica (Ray sets "
                                 "one thread for a fractional CPU; more helps on idle cores)")
 
