@@ -20,6 +20,10 @@ class EncoderArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target this long adds "
+                                   "replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target this long "
+                                     "removes replicas")
     cpus: float = Field(0.5, gt=0)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -118,7 +122,9 @@ def build_app(args: AppArgs) -> Application:
         # Serve's default of 5 ongoing requests would cap every batch at 5 queries.
         max_ongoing_requests=2 * e.max_batch_size,
         autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
-                            "target_ongoing_requests": e.target_ongoing_requests},
+                            "target_ongoing_requests": e.target_ongoing_requests,
+                            "upscale_delay_s": e.upscale_delay_s,
+                            "downscale_delay_s": e.downscale_delay_s},
     ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision, e.threads)
     shards = [
         IndexShard.options(name=shard_name(i), num_replicas=args.shard_replicas, user_config=loaded,

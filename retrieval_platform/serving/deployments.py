@@ -146,6 +146,13 @@ class LexicalIndex:
         return lexical_hits(bm25, meta, query, k, to_filter(filters))
 
 
+def _lap(timings: dict[str, float], name: str, since: float) -> float:
+    """Record the milliseconds since ``since`` under ``name``; return now."""
+    now = time.perf_counter()
+    timings[name] = (now - since) * 1000
+    return now
+
+
 class ShardFailure(Exception):
     def __init__(self, failed: list[int], answered: list[int], hits: list[list[dict]]) -> None:
         super().__init__(f"shards {failed} failed")
@@ -219,21 +226,26 @@ class Ingress:
         depth = request.k if request.mode == "dense" else max(request.k, HYBRID_DEPTH)
         try:
             if request.mode in ("dense", "hybrid"):
+                lap = time.perf_counter()
                 xq = await self._call(self.encoder.encode.remote(version, request.query))
-                timings["encode"] = (time.perf_counter() - started) * 1000
+                lap = _lap(timings, "encode", lap)  # the hop to the encoder, batching, encoding
                 try:
                     per_shard, answered = await self._dense(version, xq, depth, filters)
                 except ShardFailure as exc:
                     if not request.allow_partial:
                         raise
                     per_shard, answered, failed = exc.hits, exc.answered, exc.failed
+                lap = _lap(timings, "shards", lap)  # the fan-out: slowest shard and its hop
                 dense = merge_hits(per_shard, depth)
+                _lap(timings, "merge", lap)
             if request.mode in ("lexical", "hybrid"):
                 if self.lexical is None:
                     raise HTTPException(400, "this index was built without BM25: "
                                              "lexical and hybrid modes are unavailable")
+                lap = time.perf_counter()
                 lexical = await self._call(self.lexical.search.remote(
                     version, request.query, depth, filters))
+                _lap(timings, "lexical", lap)
         except ShardFailure as exc:
             self.requests.inc(tags={"mode": request.mode, "status": "503"})
             raise HTTPException(503, f"shards {exc.failed} of {len(self.shards)} did not "
