@@ -1,15 +1,20 @@
-"""Approximate search: recall@10 against exact search vs speed, for flat, IVF-Flat, HNSW and
-IVF-PQ, on seeded vectors (1M x 384 by default), through the platform's own index functions.
+"""Approximate search: recall@10 against exact search vs speed and memory per vector, for FAISS
+index_factory strings (flat, IVF-Flat, HNSW, IVF-PQ, IVF-PQ with an exact or SQ8 re-rank of its
+candidates), through the platform's own index functions; and flat indexes at Matryoshka
+prefixes of the same vectors.
 
     python bench/ann.py [--n 1000000] [--dim 384] [--queries 1000] [--clusters 2000]
+    python bench/ann.py --prepared runs/data/homedepot --model runs/models/homedepot-minilm-stage1
+        [--dims 256 128 64]
 
-The vectors are clustered unit vectors (a Gaussian mixture around random centres), which
-behaves like real embedding sets; uniform random vectors have no neighbourhood structure and
-make every approximate index look worse than it is in use. Well-separated blobs (the default:
-2,000 clusters of 500) flatter IVF; many small clusters (``--clusters 100000``) put each
-query's neighbours in several clusters, closer to real catalogs with many near-duplicates.
-Speed is queries per second for a batch of queries on all cores of this machine; "speedup" is
-relative to exact flat search.
+Real vectors: every product of ``--prepared`` embedded by ``--model`` (Ray Data, cached under
+runs/bench/ann/) and its dev queries as queries. Synthetic vectors (the default): clustered unit
+vectors (a Gaussian mixture around random centres), which behave like real embedding sets;
+uniform random vectors have no neighbourhood structure and make every approximate index look
+worse than it is in use. Speed is queries per second for a batch of queries on all cores of this
+machine; "speedup" is relative to exact flat search at the full dimension. Matryoshka rows
+measure recall against full-dimension exact search (what shortening the vectors loses in
+neighbours; the ranking quality per dimension is evaluation's NDCG@10 per d).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
+from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
 
 
 def centres(count: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -50,9 +55,57 @@ def recall_at_10(I: np.ndarray, truth: np.ndarray) -> float:
 
 def timed_search(index: faiss.Index, xq: np.ndarray, params: IndexParams) -> tuple[np.ndarray,
                                                                                      float]:
+    search_index(index, xq[:50], 10, params)  # warm-up
     started = time.perf_counter()
     _, I = search_index(index, xq, 10, params)
     return I, len(xq) / (time.perf_counter() - started)
+
+
+def bytes_per_vector(index: faiss.Index) -> float:
+    return faiss.serialize_index(index).nbytes / index.ntotal
+
+
+def real_vectors(prepared: str, model: str, split: str = "dev") -> tuple[np.ndarray, np.ndarray]:
+    """Every product and every ``split`` query embedded by ``model`` (cached by model id)."""
+    from _setup import local_ray
+
+    from retrieval_platform.catalog.dataset import PreparedDataset
+    from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+    from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
+
+    folder = resolve_model_folder(model)
+    cache = Path("runs/bench/ann") / f"{Path(prepared).name}-{model_info(folder)['model_id']}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["xb"], data["xq"]
+    ds = PreparedDataset(prepared)
+    local_ray()
+    _, xb = collect(embed_products(ds.products_dataset(["product_id", "text"]), str(folder),
+                                   EmbedConfig(batch_size=1024, encode_batch_size=128,
+                                               precision="auto")), ["product_id"])
+    xq = DualEncoder.from_pretrained(folder).encode(list(ds.query_texts(split).values()),
+                                                     "query", precision="auto")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, xb=xb, xq=xq)
+    return xb, xq
+
+
+def sweeps(n: int, dim: int) -> list[tuple[str, IndexParams, str, list[int]]]:
+    """(factory string, params, knob, values): each index built once, searched per value."""
+    nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+    nlist = 2 ** round(np.log2(nlist))
+    m = dim // 8  # 8 dims per 4-bit code: 1/64 of float32's bytes
+    return [
+        (f"IVF{nlist},Flat", IndexParams(factory=f"IVF{nlist},Flat"), "nprobe", [4, 8, 16, 32]),
+        ("HNSW32", IndexParams(factory="HNSW32", ef_search=64), "ef_search", [16, 32, 64, 128]),
+        (f"IVF{nlist},PQ{m}x4fs", IndexParams(factory=f"IVF{nlist},PQ{m}x4fs"), "nprobe",
+         [8, 16, 32]),
+        (f"IVF{nlist},PQ{m}x4fs,RFlat", IndexParams(factory=f"IVF{nlist},PQ{m}x4fs,RFlat",
+                                                    k_factor=8), "nprobe", [4, 8, 16, 32]),
+        (f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)",
+         IndexParams(factory=f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", k_factor=8), "nprobe",
+         [4, 8, 16, 32]),
+    ]
 
 
 def main() -> None:
@@ -64,33 +117,48 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=2000,
                         help="mixture centres; n/clusters near n/10 makes neighbourhoods "
                              "straddle clusters (harder for IVF than well-separated blobs)")
+    parser.add_argument("--prepared", help="real vectors: a prepared dataset ...")
+    parser.add_argument("--model", help="... embedded by this model")
+    parser.add_argument("--dims", type=int, nargs="*", default=[],
+                        help="also flat indexes at these Matryoshka prefixes")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
-    rng = np.random.default_rng(0)
-    c = centres(args.clusters, args.dim, rng)
-    xb = clustered(args.n, c, args.noise, rng)
-    xq = clustered(args.queries, c, args.noise, rng)
+    if args.prepared:
+        xb, xq = real_vectors(args.prepared, args.model or "minilm-l6")
+        source = f"{Path(args.prepared).name} embedded by {args.model}"
+    else:
+        rng = np.random.default_rng(0)
+        c = centres(args.clusters, args.dim, rng)
+        xb = clustered(args.n, c, args.noise, rng)
+        xq = clustered(args.queries, c, args.noise, rng)
+        source = f"synthetic ({args.clusters} clusters, noise {args.noise})"
+    n, dim = xb.shape
     rows = []
 
-    flat = IndexParams(kind="flat")
+    flat = IndexParams(factory="Flat")
     started = time.perf_counter()
     index = build_index(xb, flat)
     build_s = time.perf_counter() - started
     truth, flat_qps = timed_search(index, xq, flat)
-    rows.append({"index": "flat", "params": "-", "build_s": round(build_s, 1),
-                 "recall@10": 1.0, "qps": round(flat_qps, 1), "speedup": 1.0})
+    rows.append({"index": "Flat", "params": "-", "build_s": round(build_s, 1),
+                 "bytes_per_vector": round(bytes_per_vector(index), 1), "recall@10": 1.0,
+                 "qps": round(flat_qps, 1), "speedup": 1.0})
     print(rows[-1], flush=True)
     del index
+    for d in args.dims:
+        params = IndexParams(factory="Flat")
+        index = build_index(first_dims(xb, d), params)
+        I, qps = timed_search(index, first_dims(xq, d), params)
+        rows.append({"index": f"Flat @{d} dims", "params": "-", "build_s": 0.0,
+                     "bytes_per_vector": round(bytes_per_vector(index), 1),
+                     "recall@10": round(recall_at_10(I, truth), 4), "qps": round(qps, 1),
+                     "speedup": round(qps / flat_qps, 2)})
+        print(rows[-1], flush=True)
+        del index
 
-    sweeps = [
-        ("ivf_flat", IndexParams(kind="ivf_flat"), "nprobe", [4, 8, 16, 32, 64]),
-        ("hnsw", IndexParams(kind="hnsw", hnsw_m=32, ef_construction=64), "ef_search",
-         [16, 32, 64, 128]),
-        ("ivf_pq", IndexParams(kind="ivf_pq", pq_m=args.dim // 8), "nprobe", [8, 16, 32, 64]),
-    ]
-    for name, params, knob, values in sweeps:
+    for name, params, knob, values in sweeps(n, dim):
         started = time.perf_counter()
         index = build_index(xb, params)
         build_s = time.perf_counter() - started
@@ -98,22 +166,22 @@ def main() -> None:
             p = IndexParams(**{**params.__dict__, knob: value})
             I, qps = timed_search(index, xq, p)
             rows.append({"index": name, "params": f"{knob}={value}", "build_s": round(build_s, 1),
+                         "bytes_per_vector": round(bytes_per_vector(index), 1),
                          "recall@10": round(recall_at_10(I, truth), 4), "qps": round(qps, 1),
                          "speedup": round(qps / flat_qps, 2)})
             print(rows[-1], flush=True)
         del index
 
-    print(f"\n{args.n:,} x {args.dim} vectors ({args.clusters} clusters, noise {args.noise}), "
-          f"{args.queries} queries\n")
-    print("| index | params | build s | recall@10 | QPS | speedup vs flat |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"\n{n:,} x {dim} vectors, {source}, {len(xq)} queries\n")
+    print("| index (factory string) | params | build s | bytes/vector | recall@10 | QPS | "
+          "speedup vs flat |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['index']} | {r['params']} | {r['build_s']} | {r['recall@10']} | "
-              f"{r['qps']} | {r['speedup']} |")
+        print(f"| {r['index']} | {r['params']} | {r['build_s']} | {r['bytes_per_vector']} | "
+              f"{r['recall@10']} | {r['qps']} | {r['speedup']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"n": args.n, "dim": args.dim,
-                                               "clusters": args.clusters, "noise": args.noise,
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"n": n, "dim": dim, "source": source,
+                                               "queries": len(xq), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow as pa
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.card import record_evaluation
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index import Hits
@@ -57,6 +58,10 @@ class EvaluateConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     query_batch_size: int = 64
     dims: list[int] = field(default_factory=list)  # also rank with the first d dims (Matryoshka)
+    # also rank with the queries encoded at these precisions (the serving encoder's options),
+    # products as embedded: systems "NAME[q:int8]", ...
+    query_precisions: list[Literal["fp32", "bf16", "int8", "auto"]] = field(
+        default_factory=list)
 
 
 @dataclass
@@ -96,16 +101,19 @@ def corpus(ds: PreparedDataset, qrels: dict[str, dict[str, float]], max_products
 
 
 def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtexts: list[str],
-           cfg: EvaluateConfig) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+           cfg: EvaluateConfig) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], str]:
     """Every product searched (Ray Data, the one encode path) and every query, at full
-    dimension."""
+    dimension: queries at the embedding's precision (key "") and at each of
+    ``cfg.query_precisions``."""
     started = time.perf_counter()
     folder = resolve_model_folder(model)
     embedded = embed_products(ds.products_dataset(table=products), str(folder), cfg.embed)
     cols, xb = collect(embedded, ["product_id"])
     encoder = DualEncoder.from_pretrained(folder)
-    xq = encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
-                        precision=cfg.embed.precision)  # (nq, d)
+    xq = {key: encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
+                              precision=precision)  # (nq, d)
+          for key, precision in [("", cfg.embed.precision),
+                                 *[(p, p) for p in cfg.query_precisions]]}
     log.info("%s: %d products embedded in %.0fs", name, len(xb), time.perf_counter() - started)
     return cols["product_id"], xb, xq, model_info(folder)["model_id"]
 
@@ -192,12 +200,16 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model_ids: dict[str, str] = {}
     for name, model in cfg.models.items():
         started = time.perf_counter()
-        ids, xb, xq, model_ids[name] = _embed(name, model, ds, products, qtexts, cfg)
+        ids, xb, xqs, model_ids[name] = _embed(name, model, ds, products, qtexts, cfg)
         seconds = time.perf_counter() - started
+        xq = xqs.pop("")
         ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
         for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
             ranked[f"{name}@{d}"] = _dense(ids, first_dims(xb, d), first_dims(xq, d), qids,
                                            qrels, cfg.depth, seconds)
+        for precision, xq_p in xqs.items():  # the same products, queries at another precision
+            ranked[f"{name}[q:{precision}]"] = _dense(ids, xb, xq_p, qids, qrels, cfg.depth,
+                                                      seconds)
     if cfg.bm25 or cfg.hybrid:
         lexical = _bm25(products, qids, qtexts, qrels, cfg.depth)
         if cfg.bm25:
@@ -227,6 +239,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "query_text": dict(zip(qids, qtexts, strict=True)), "per_query": per_query,
     }
     write_report(report, Path(cfg.output_dir))
+    for name, model in cfg.models.items():  # the model cards of trained folders show it
+        record_evaluation(resolve_model_folder(model), report, name)
     return report
 
 

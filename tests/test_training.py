@@ -150,9 +150,10 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
         "prepared_dir": str(prepared), "split": "dev",
         "models": {"zero_shot": "tiny", "stage1": str(s1.model_dir)}, "hybrid": ["stage1"],
         "fusions": [{"method": "rrf"}, {"method": "convex", "dense_weight": 0.6}],
-        "dims": [32],
+        "dims": [32], "query_precisions": ["int8"],
         "output_dir": str(tmp_path / "report"), **SMALL}))
-    for name in ("zero_shot", "stage1", "stage1@32", "bm25", "hybrid(stage1+bm25)",
+    for name in ("zero_shot", "stage1", "stage1@32", "stage1[q:int8]", "bm25",
+                 "hybrid(stage1+bm25)",
                  "hybrid(stage1+bm25,convex0.6)"):
         m = report["results"][name]
         assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
@@ -161,6 +162,12 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     assert "| bm25 |" in (tmp_path / "report" / "report.md").read_text()
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["gain_map"].startswith("ESCI gains")
+    # the model card of a trained folder: training written by training, metrics by evaluation
+    card = (s1.model_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers")
+    assert "## Training" in card and "false-negative margin mask" in card
+    ndcg = report["results"]["stage1"]["ndcg@10"]
+    assert "split **dev**" in card and f"| ndcg@10 | {ndcg:.4f} |" in card
 
 
 def test_stage2_examples_hold_graded_groups(prepared):

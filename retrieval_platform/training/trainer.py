@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec
+from retrieval_platform.encoder.card import write_model_card
 from retrieval_platform.encoder.model import model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, write_json
@@ -110,6 +111,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "stage": cfg.stage, "checkpoint": result.checkpoint.path, "final_metrics": metrics,
             "examples": examples.num_rows, "config": to_dict(cfg), "history": history,
         })
+        write_model_card(tmp)
     log.info("%s done: model at %s (%s)", cfg.stage, cfg.output_dir, json.dumps(metrics))
     return TrainResult(Path(cfg.output_dir), result.checkpoint.path, metrics)
 
