@@ -50,6 +50,10 @@ class AppArgs(BaseModel):
     lexical_cpus: float = Field(0.1, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_cpus: float = Field(0.1, gt=0)
+    ingress_max_batch_size: int = Field(8, ge=1, description="concurrent dense requests sent "
+                                        "to the encoder and the shards together (1: each "
+                                        "request alone)")
+    ingress_batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_ongoing_requests: int = Field(
         64, ge=1, description="per ingress and shard replica (async: they wait on others); "
                               "the encoder takes 2 x its batch size")
@@ -140,4 +144,5 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
     ).bind(encoder, shards, lexical, api_key=api_key, max_body_bytes=args.max_body_bytes,
-           timeout_s=args.request_timeout_s)
+           timeout_s=args.request_timeout_s, max_batch_size=args.ingress_max_batch_size,
+           batch_wait_timeout_s=args.ingress_batch_wait_timeout_s)

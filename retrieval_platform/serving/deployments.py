@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from retrieval_platform.serving.search import (
     lexical_hits,
     load_encoder_for,
     merge_hits,
-    shard_hits,
+    shard_hits_many,
     to_filter,
 )
 
@@ -97,6 +98,12 @@ class QueryEncoder:
         """(1, d) unit query vector."""
         return await self._encode_batch((version, text))
 
+    async def encode_many(self, version: str, texts: list[str]) -> np.ndarray:
+        """(n, d) unit query vectors: one call for an ingress's batch of requests (they join
+        this replica's batches like single requests)."""
+        parts = await asyncio.gather(*(self._encode_batch((version, t)) for t in texts))
+        return np.concatenate(parts)  # (n, d)
+
     def loaded(self) -> list[str]:
         return sorted(self.models)
 
@@ -116,13 +123,15 @@ class IndexShard:
         self.shards = _reload(self.shards, user_config,
                               lambda index_dir: load_shard(index_dir, self.shard_id))
 
-    def search(self, version: str, xq: np.ndarray, k: int,
-               filters: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def search_many(self, version: str, xq: np.ndarray, k: int,
+                    filters: list[dict[str, Any] | None]) -> list[list[dict[str, Any]]]:
+        """Top-k of each query vector of ``xq`` (n, d), with its own filters: one call for an
+        ingress's batch; the unfiltered queries go to FAISS as one batch."""
         started = time.perf_counter()
         shard = self.shards.get(version)
         if shard is None:
             raise KeyError(f"version {version!r} is not loaded on shard {self.shard_id}")
-        hits = shard_hits(shard, xq, k, to_filter(filters))
+        hits = shard_hits_many(shard, xq, k, [to_filter(f) for f in filters])
         self.latency.observe((time.perf_counter() - started) * 1000)
         return hits
 
@@ -153,6 +162,16 @@ def _lap(timings: dict[str, float], name: str, since: float) -> float:
     return now
 
 
+@dataclass
+class _Dense:
+    """One request's share of a batched dense retrieval."""
+
+    hits: list[dict[str, Any]]  # merged over the shards that answered
+    answered: list[int]
+    failed: list[int]
+    timings: dict[str, float]
+
+
 class ShardFailure(Exception):
     def __init__(self, failed: list[int], answered: list[int], hits: list[list[dict]]) -> None:
         super().__init__(f"shards {failed} failed")
@@ -176,7 +195,8 @@ class Ingress:
 
     def __init__(self, encoder: Any, shards: list[Any], lexical: Any | None, *,
                  api_key: str | None = None, max_body_bytes: int = 16_384,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.002) -> None:
         # Through the module object: Serve pickles this class by value, with a copy of the
         # globals it names, so a module-level dict named here would be a private copy.
         guard.configure(api_key=api_key, max_body_bytes=max_body_bytes)
@@ -189,6 +209,11 @@ class Ingress:
         self.fusion = fusion_of({})
         self.requests = Counter("rp_requests_total", description="search requests",
                                 tag_keys=("mode", "status"))
+        # Concurrent dense requests go out together: one encoder call and one call per shard
+        # for the batch, instead of 1 + shards calls for every request (each call costs both
+        # processes CPU time, the scarce thing on a small box). 1: every request alone.
+        self._dense_batch.set_max_batch_size(max_batch_size)
+        self._dense_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.active = user_config["active"]
@@ -198,21 +223,47 @@ class Ingress:
     async def _call(self, response: Any) -> Any:
         return await asyncio.wait_for(response, timeout=self.timeout_s)
 
-    async def _dense(self, version: str, xq: np.ndarray, k: int,
-                     filters: dict[str, Any] | None) -> tuple[list[list[dict]], list[int]]:
-        calls = [self._call(h.search.remote(version, xq, k, filters)) for h in self.shards]
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _dense_batch(self, items: list[tuple[str, str, int, dict[str, Any] | None]]
+                           ) -> list[_Dense | BaseException]:
+        """Dense retrieval for a batch of (version, query, k, filters): per version, one
+        encoder call, then one call per shard, merged per request. A failed encoder fails
+        its requests; failed shards are reported per request (the caller decides on
+        partial answers)."""
+        out: list[_Dense | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        by_version: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_version.setdefault(item[0], []).append(i)
+        for version, idx in by_version.items():
+            try:
+                out_v = await self._dense_version(version, [items[i] for i in idx])
+            except Exception as exc:  # encoder down, timeout: every request of the group
+                out_v = [exc] * len(idx)
+            for i, r in zip(idx, out_v, strict=True):
+                out[i] = r
+        return out
+
+    async def _dense_version(self, version: str,
+                             items: list[tuple[str, str, int, dict[str, Any] | None]]
+                             ) -> list[_Dense]:
+        timings: dict[str, float] = {}
+        lap = time.perf_counter()
+        texts = [query for _, query, _, _ in items]
+        xq = await self._call(self.encoder.encode_many.remote(version, texts))  # (n, d)
+        lap = _lap(timings, "encode", lap)
+        k = max(depth for _, _, depth, _ in items)
+        filters = [f for _, _, _, f in items]
+        calls = [self._call(h.search_many.remote(version, xq, k, filters)) for h in self.shards]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        hits, answered, failed = [], [], []
-        for i, r in enumerate(results):
-            if isinstance(r, BaseException):
-                log.warning("shard %d failed: %r", i, r)
-                failed.append(i)
-            else:
-                hits.append(r)
-                answered.append(i)
-        if failed:
-            raise ShardFailure(failed, answered, hits)
-        return hits, answered
+        lap = _lap(timings, "shards", lap)
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        for i in failed:
+            log.warning("shard %d failed: %r", i, results[i])
+        answered = [i for i in range(len(results)) if i not in failed]
+        merged = [merge_hits([results[i][j] for i in answered], depth)
+                  for j, (_, _, depth, _) in enumerate(items)]
+        _lap(timings, "merge", lap)
+        return [_Dense(hits, answered, failed, timings) for hits in merged]
 
     @app.post("/search", response_model=SearchResponse,
               responses={401: {"description": "missing or wrong API key"},
@@ -226,18 +277,16 @@ class Ingress:
         depth = request.k if request.mode == "dense" else max(request.k, HYBRID_DEPTH)
         try:
             if request.mode in ("dense", "hybrid"):
-                lap = time.perf_counter()
-                xq = await self._call(self.encoder.encode.remote(version, request.query))
-                lap = _lap(timings, "encode", lap)  # the hop to the encoder, batching, encoding
-                try:
-                    per_shard, answered = await self._dense(version, xq, depth, filters)
-                except ShardFailure as exc:
-                    if not request.allow_partial:
-                        raise
-                    per_shard, answered, failed = exc.hits, exc.answered, exc.failed
-                lap = _lap(timings, "shards", lap)  # the fan-out: slowest shard and its hop
-                dense = merge_hits(per_shard, depth)
-                _lap(timings, "merge", lap)
+                # encode: the hop to the encoder, its batching and encoding; shards: the
+                # fan-out (the slowest shard and its hop); both shared by a batch
+                found = await self._dense_batch((version, request.query, depth, filters))
+                if isinstance(found, BaseException):
+                    raise found
+                timings |= found.timings
+                answered, failed = found.answered, found.failed
+                if failed and not request.allow_partial:
+                    raise ShardFailure(failed, answered, [])
+                dense = found.hits
             if request.mode in ("lexical", "hybrid"):
                 if self.lexical is None:
                     raise HTTPException(400, "this index was built without BM25: "

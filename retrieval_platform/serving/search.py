@@ -59,12 +59,32 @@ def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
 def shard_hits(shard: LoadedShard, xq: np.ndarray, k: int,
                filters: CatalogFilter | None) -> list[Hit]:
     """Top-k of one shard for one query vector (1, d), with product metadata."""
-    D, I = shard.search(xq, k, filters)
-    rows = [int(i) for i in I[0] if i >= 0]
+    return shard_hits_many(shard, xq, k, [filters])[0]
+
+
+def shard_hits_many(shard: LoadedShard, xq: np.ndarray, k: int,
+                    filters: list[CatalogFilter | None]) -> list[list[Hit]]:
+    """Top-k of one shard for each query vector of ``xq`` (n, d) under its own filters; the
+    unfiltered ones are searched as one FAISS batch."""
+    out: list[list[Hit] | None] = [None] * len(filters)
+    plain = [i for i, f in enumerate(filters) if f is None or f.empty]
+    if plain:
+        D, I = shard.search(xq[plain], k, None)  # (len(plain), k)
+        for row, i in enumerate(plain):
+            out[i] = _with_metadata(shard, D[row], I[row])
+    for i, f in enumerate(filters):
+        if out[i] is None:
+            D, I = shard.search(xq[i : i + 1], k, f)  # (1, k)
+            out[i] = _with_metadata(shard, D[0], I[0])
+    return out  # type: ignore[return-value]
+
+
+def _with_metadata(shard: LoadedShard, D: np.ndarray, I: np.ndarray) -> list[Hit]:
+    rows = [int(i) for i in I if i >= 0]
     metas = shard.rows(rows)
     return [{"product_id": m["product_id"], "title": m["title"], "score": float(d),
              "shard": shard.shard_id, "category": m["category"], "price": m["price"], "row": r}
-            for d, r, m in zip(D[0], rows, metas, strict=False)]
+            for d, r, m in zip(D, rows, metas, strict=False)]
 
 
 def merge_hits(per_shard: list[list[Hit]], k: int) -> list[Hit]:
