@@ -11,8 +11,8 @@ concurrency with its latency histogram. In-process uses the same code the deploy
 (LocalSearcher), with a thread pool of the same concurrency (torch and FAISS release the GIL).
 
 Per hop, at concurrency 1: the client's latency, the ingress's own laps (``timings_ms`` of each
-response: encoder call, shard fan-out, merge), and the same steps in process (encoding, every
-shard's search, the merge); the differences are what each hop adds.
+response: encoder ready, encoder + shard fan-out, merge), and the same steps in process
+(encoding, every shard's search, the merge); the differences are what the hops add.
 """
 
 from __future__ import annotations
@@ -163,6 +163,10 @@ def main() -> None:
     parser.add_argument("--encoder", default='{"cpus": 0.5, "min_replicas": 1, "max_replicas": 2}',
                         help="EncoderArgs as JSON (cpus, replicas, threads, batching)")
     parser.add_argument("--shard-cpus", type=float, default=0.1)
+    parser.add_argument("--variants", default='{"default": {}}',
+                        help='named AppArgs overrides as JSON, each deployed and measured in '
+                             'turn, e.g. {"alone": {"ingress_max_batch_size": 1}, "int8": '
+                             '{"encoder": {"precision": "int8"}}}')
     parser.add_argument("--prepared", help="queries from this prepared dataset (with --index)")
     parser.add_argument("--wrk", action="store_true", help="load HTTP with wrk (by duration)")
     parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
@@ -186,40 +190,52 @@ def main() -> None:
 
     from ray import serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    apply(serve_config([app_config(AppArgs(index=str(index), lexical=False,
-                                           encoder=json.loads(args.encoder),
-                                           shard_cpus=args.shard_cpus))], port=args.port))
     url = f"http://127.0.0.1:{args.port}"
-    asyncio.run(over_http(url, load[:40], 4, args.k))  # warm-up
-    per_hop = hops(url, index, load[:100], args.k)
-    if args.wrk:
-        http = {c: with_wrk(url, load, c, args.k, args.duration) for c in args.concurrency}
-    else:
-        http = {c: asyncio.run(over_http(url, load, c, args.k)) for c in args.concurrency}
-    serve.shutdown()
+    variants = {}
+    for name, overrides in json.loads(args.variants).items():
+        app = {"index": str(index), "lexical": False, "encoder": json.loads(args.encoder),
+               "shard_cpus": args.shard_cpus}
+        app |= {k: (app[k] | v if isinstance(v, dict) else v) for k, v in overrides.items()}
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        apply(serve_config([app_config(AppArgs(**app))], port=args.port))
+        asyncio.run(over_http(url, load[:40], 4, args.k))  # warm-up
+        per_hop = hops(url, index, load[:100], args.k)
+        if args.wrk:
+            http = {c: with_wrk(url, load, c, args.k, args.duration) for c in args.concurrency}
+        else:
+            http = {c: asyncio.run(over_http(url, load, c, args.k)) for c in args.concurrency}
+        serve.shutdown()
+        variants[name] = {"app": {k: v for k, v in app.items() if k != "index"}, "hops_ms": per_hop,
+                          "rows": [{"concurrency": c, "http": http[c],
+                                    "qps_ratio_http_over_in_process":
+                                        round(http[c]["qps"] / local[c]["qps"], 3)}
+                                   for c in args.concurrency]}
+        print(name, json.dumps(variants[name]), flush=True)
 
-    rows = [{"concurrency": c, "in_process": local[c], "http": http[c],
-             "qps_ratio_http_over_in_process": round(http[c]["qps"] / local[c]["qps"], 3)}
-            for c in args.concurrency]
     out = {"index": str(index), "requests": args.requests, "load": "wrk" if args.wrk else
-           "httpx", "cpus": os.cpu_count(), "encoder": json.loads(args.encoder), "rows": rows,
-           "hops_ms": per_hop}
+           "httpx", "cpus": os.cpu_count(), "in_process": local, "variants": variants}
     print(json.dumps(out, indent=2))
-    h = per_hop
-    print("\n| hop (concurrency 1, mean ms) | HTTP | in process | added |\n|---|---:|---:|---:|")
-    print(f"| client → proxy → ingress → client | {h['http_client']} | – | "
-          f"{h['http_client'] - h['http_total']:.2f} |")
-    for name in ("encode", "shards", "merge"):
-        print(f"| {name} | {h[f'http_{name}']} | {h[f'local_{name}']} | "
-              f"{h[f'http_{name}'] - h[f'local_{name}']:.2f} |")
-    print("\n| concurrency | in-process QPS | p50 / p99 ms | HTTP QPS | p50 / p99 ms | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        lo, ht = r["in_process"], r["http"]
-        print(f"| {r['concurrency']} | {lo['qps']} | {lo['p50_ms']} / {lo['p99_ms']} | "
-              f"{ht['qps']} | {ht['p50_ms']} / {ht['p99_ms']} | "
-              f"{r['qps_ratio_http_over_in_process']} |")
+    for name, v in variants.items():
+        h = v["hops_ms"]
+        print(f"\n{name}: hop (concurrency 1, mean ms) | HTTP | in process | added\n"
+              "|---|---:|---:|---:|")
+        print(f"| client → proxy → ingress → client | {h['http_client']} | – | "
+              f"{h['http_client'] - h['http_total']:.2f} |")
+        local_fan_out = h["local_encode"] + h["local_shards"]
+        print(f"| encode (vectors ready at the ingress) | {h['http_encode']} | "
+              f"{h['local_encode']} | {h['http_encode'] - h['local_encode']:.2f} |")
+        print(f"| encode + shards (vectors passed by reference) | {h['http_shards']} | "
+              f"{local_fan_out:.2f} | {h['http_shards'] - local_fan_out:.2f} |")
+        print(f"| merge | {h['http_merge']} | {h['local_merge']} | "
+              f"{h['http_merge'] - h['local_merge']:.2f} |")
+    print("\n| variant | concurrency | HTTP QPS | p50 / p99 ms | errors | in-process QPS | "
+          "p50 / p99 ms | ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, v in variants.items():
+        for r in v["rows"]:
+            lo, ht = local[r["concurrency"]], r["http"]
+            print(f"| {name} | {r['concurrency']} | {ht['qps']} | {ht['p50_ms']} / "
+                  f"{ht['p99_ms']} | {ht['errors']} | {lo['qps']} | {lo['p50_ms']} / "
+                  f"{lo['p99_ms']} | {r['qps_ratio_http_over_in_process']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 
