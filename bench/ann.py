@@ -65,6 +65,23 @@ def bytes_per_vector(index: faiss.Index) -> float:
     return faiss.serialize_index(index).nbytes / index.ntotal
 
 
+def index_vectors(index_dir: str, prepared: str, split: str = "dev"
+                  ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The product vectors an index version stored, and ``split``'s queries encoded by the
+    index's model (as served)."""
+    import pyarrow.parquet as pq
+
+    from retrieval_platform.catalog.dataset import PreparedDataset
+    from retrieval_platform.serving.search import load_encoder_for
+
+    column = pq.read_table(Path(index_dir) / "embeddings", columns=["embedding"])["embedding"]
+    emb = column.combine_chunks()
+    xb = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
+    encoder = load_encoder_for(index_dir)
+    xq = encoder.encode(list(PreparedDataset(prepared).query_texts(split).values()))
+    return xb.astype(np.float32), xq, encoder.model.settings.base
+
+
 def real_vectors(prepared: str, model: str, split: str = "dev") -> tuple[np.ndarray, np.ndarray]:
     """Every product and every ``split`` query embedded by ``model`` (cached by model id)."""
     from _setup import local_ray
@@ -117,6 +134,8 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=2000,
                         help="mixture centres; n/clusters near n/10 makes neighbourhoods "
                              "straddle clusters (harder for IVF than well-separated blobs)")
+    parser.add_argument("--index", help="real vectors: an index version's stored embeddings "
+                                        "(queries from --prepared)")
     parser.add_argument("--prepared", help="real vectors: a prepared dataset ...")
     parser.add_argument("--model", help="... embedded by this model")
     parser.add_argument("--dims", type=int, nargs="*", default=[],
@@ -125,7 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
-    if args.prepared:
+    if args.index:
+        xb, xq, base = index_vectors(args.index, args.prepared)
+        source = f"{Path(args.prepared).name} products from index {Path(args.index).name} ({base})"
+    elif args.prepared:
         xb, xq = real_vectors(args.prepared, args.model or "minilm-l6")
         source = f"{Path(args.prepared).name} embedded by {args.model}"
     else:

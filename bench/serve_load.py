@@ -146,7 +146,7 @@ def hops(url: str, searcher_index: str, queries: list[str], k: int) -> dict[str,
             timings = client.post("/search", json={"query": q, "k": k}).json()["timings_ms"]
             remote["client"].append((time.perf_counter() - t) * 1000)
             for name in ("total", "encode", "shards", "merge"):
-                remote[name].append(timings[name])
+                remote[name].append(timings.get(name, float("nan")))  # older services: fewer
     mean = {f"http_{n}": round(statistics.fmean(v), 2) for n, v in remote.items()}
     return mean | {f"local_{n}": round(statistics.fmean(v), 2) for n, v in local.items()}
 

@@ -56,7 +56,7 @@ def _swap(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     """One query against a running endpoint (the HTTP API: what any client sends)."""
-    import requests
+    import httpx
 
     body: dict = {"query": args.query, "k": args.k, "mode": args.mode}
     filters = {k: v for k, v in (("category", args.category), ("price_min", args.price_min),
@@ -66,9 +66,9 @@ def _search(args: argparse.Namespace) -> int:
     key = os.environ.get(args.api_key_env, "")
     headers = {"X-API-Key": key} if key else {}
     try:
-        r = requests.post(f"{args.url.rstrip('/')}/search", json=body, headers=headers,
-                          timeout=args.timeout)
-    except requests.RequestException as exc:
+        r = httpx.post(f"{args.url.rstrip('/')}/search", json=body, headers=headers,
+                       timeout=args.timeout)
+    except httpx.HTTPError as exc:
         raise PlatformError(f"no answer from {args.url} ({type(exc).__name__}); is the "
                             "Serve application running (`retrieval-platform status`)?") from None
     if r.status_code != 200:

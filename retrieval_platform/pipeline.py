@@ -199,13 +199,13 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
 
 
 def query_examples(url: str, queries: list[str], k: int = 3) -> list[dict[str, Any]]:
-    import requests
+    import httpx
 
     answers = []
     for query in queries:
         for mode in ("dense", "hybrid"):
-            r = requests.post(f"{url}/search", json={"query": query, "k": k, "mode": mode},
-                              timeout=30)
+            r = httpx.post(f"{url}/search", json={"query": query, "k": k, "mode": mode},
+                           timeout=30)
             r.raise_for_status()
             body = r.json()
             answers.append({"query": query, "mode": mode,
