@@ -31,6 +31,7 @@ from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_d
 from retrieval_platform.io import write_json
 from retrieval_platform.metrics import aggregate, per_query_metrics
 from retrieval_platform.retrievers.hybrid import Fusion, fuse, minmax_bounds, normalise
+from retrieval_platform.tracking import TrackingConfig, log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class EvaluateConfig:
     # products as embedded: systems "NAME[q:int8]", ...
     query_precisions: list[Literal["fp32", "bf16", "int8", "auto"]] = field(
         default_factory=list)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (tracking.py)
 
 
 @dataclass
@@ -239,6 +241,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "query_text": dict(zip(qids, qtexts, strict=True)), "per_query": per_query,
     }
     write_report(report, Path(cfg.output_dir))
+    log_evaluation(cfg.tracking, report, Path(cfg.output_dir))
     for name, model in cfg.models.items():  # the model cards of trained folders show it
         record_evaluation(resolve_model_folder(model), report, name)
     return report

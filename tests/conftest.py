@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # An empty backbone/model cache per test session: a cache left on the machine (a converted
 # SmolLM2, say) must never stand in for what a fresh install builds.
 os.environ["RETRIEVAL_PLATFORM_CACHE"] = tempfile.mkdtemp(prefix="rp-test-cache-")
+# Runs are tracked in a store of the session's own, not in the checkout's runs/.
+os.environ["MLFLOW_TRACKING_URI"] = (
+    f"sqlite:///{tempfile.mkdtemp(prefix='rp-test-mlflow-')}/mlflow.db")
 
 REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = Path(os.environ.get("HOMEDEPOT_DIR", REPO.parent / "shared" / "data" / "homedepot"))

@@ -129,6 +129,14 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     # one id for weights: the starting model's weights checksum, as model folders name it
     assert info["metadata"]["init_model_id"] == model_info(resolve_model_folder("tiny"))[
         "model_id"]
+    # MLflow has the run: its config and every logged step's metrics (log_every = 1)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()  # the session's store ($MLFLOW_TRACKING_URI, conftest)
+    exp = client.get_experiment_by_name("train-contrastive")
+    [run] = client.search_runs([exp.experiment_id], f"tags.model_dir = '{s1.model_dir}'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["optim.max_steps"] == "4" and "in_batch_accuracy" in run.data.metrics
 
     # A rerun under the same name resumes from its last checkpoint: the step count continues.
     again = train(_cfg(prepared, tmp_path, "s1", optim__max_steps=6, data__hard_negatives=1))

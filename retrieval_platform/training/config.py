@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from retrieval_platform.encoder.lora import LoraSettings
+from retrieval_platform.tracking import TrackingConfig
 
 
 @dataclass
@@ -107,3 +108,4 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     output_dir: str = "runs/models/stage1"  # the final model folder
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (tracking.py)

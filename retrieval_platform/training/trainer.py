@@ -25,6 +25,7 @@ from retrieval_platform.encoder.card import write_model_card
 from retrieval_platform.encoder.model import model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, write_json
+from retrieval_platform.tracking import log_training
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
 from retrieval_platform.training.loop import (
@@ -112,6 +113,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             "examples": examples.num_rows, "config": to_dict(cfg), "history": history,
         })
         write_model_card(tmp)
+    log_training(cfg.tracking, cfg.stage, cfg.run.name, to_dict(cfg), history, metrics,
+                 Path(cfg.output_dir))
     log.info("%s done: model at %s (%s)", cfg.stage, cfg.output_dir, json.dumps(metrics))
     return TrainResult(Path(cfg.output_dir), result.checkpoint.path, metrics)
 
