@@ -9,6 +9,7 @@ similarities, BM25 scores are BM25's, hybrid scores are the served fusion's
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -250,11 +251,50 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
+    curves = training_curves(report)
+    if curves:
+        plot_training(curves, out / "training.png")
+    (out / "report.md").write_text(render_markdown(report, curves))
     plot(report, out / "report.png")
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def training_curves(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each evaluated model that training wrote: its stage, run and per-step history."""
+    out = {}
+    for name, model in report.get("models", {}).items():
+        record = Path(model["path"]) / "training.json"
+        if record.is_file():
+            training = json.loads(record.read_text())
+            out[name] = {"stage": training["stage"], "run": training["config"]["run"]["name"],
+                         "history": training.get("history", [])}
+    return out
+
+
+def plot_training(curves: dict[str, dict[str, Any]], path: Path) -> None:
+    """Training loss and in-batch accuracy over steps, one line per evaluated model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, curve in curves.items():
+        steps = [h["step"] for h in curve["history"]]
+        label = f"{name} ({curve['stage']}, run {curve['run']})"
+        for ax, key in zip(axes, ("loss", "in_batch_accuracy"), strict=True):
+            ax.plot(steps, [h.get(key, float("nan")) for h in curve["history"]], label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+    axes[0].set_title("training loss")
+    axes[1].set_title("in-batch accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_markdown(report: dict[str, Any], curves: dict[str, dict[str, Any]] | None = None
+                    ) -> str:
     results = report["results"]
     base = results.get("bm25", {}).get("ndcg@10")
     lines = [
@@ -276,6 +316,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("models"):
         lines += ["", "Models:", ""]
         lines += [f"- {n}: `{v['model_id']}` ({v['path']})" for n, v in report["models"].items()]
+    if curves:
+        lines += ["", "Training runs compared (curves: training.png):", ""]
+        lines += [f"- {n}: {c['stage']}, run `{c['run']}`, {len(c['history'])} logged steps"
+                  for n, c in curves.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -165,7 +165,7 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
                  "hybrid(stage1+bm25,convex0.6)"):
         m = report["results"][name]
         assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
-    for file in ("report.md", "report.json", "report.png"):
+    for file in ("report.md", "report.json", "report.png", "training.png"):
         assert (tmp_path / "report" / file).stat().st_size > 0
     assert "| bm25 |" in (tmp_path / "report" / "report.md").read_text()
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
