@@ -121,6 +121,31 @@ def test_canonical_format_reports_extra_columns_and_wrong_types(ray_local, tmp_p
     assert ds.products().to_pylist()[0]["price"] == 1.5
 
 
+def test_a_catalog_of_products_only_is_prepared_indexed_and_searched(ray_local, tmp_path):
+    """Bring your own catalog without queries or judgments: index it with a pretrained model
+    and search it (the serving code, in process)."""
+    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
+    from retrieval_platform.serving.search import LocalSearcher
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    titles = ["Stainless steel electric kettle 1.7 L", "Cordless drill 18V with two batteries",
+              "Queen size cotton bed sheets", "LED desk lamp with USB port"]
+    pq.write_table(pa.table({"product_id": [f"p{i}" for i in range(4)], "title": titles}),
+                   root / "products.parquet")
+    manifest, ds = _prepare(tmp_path, {"format": "canonical", "path": str(root),
+                                       "grade_scale": "esci"})
+    assert ds.products().num_rows == 4 and ds.queries().num_rows == 0 == ds.judgments().num_rows
+    _assert_counts_balance(manifest)
+    built = build_index_dir(from_dict(BuildIndexConfig, {
+        "prepared_dir": str(ds.path), "model": "tiny", "output_root": str(tmp_path / "idx"),
+        "num_shards": 2, "embed": {"actors": 1, "cpus_per_actor": 0.5}}))
+    searcher = LocalSearcher(built["path"])
+    hits = searcher.search("electric kettle", k=4, mode="hybrid")
+    assert sorted(h["product_id"] for h in hits) == ["p0", "p1", "p2", "p3"]
+    assert searcher.search("kettle", k=1, mode="lexical")[0]["product_id"] == "p0"
+
+
 def test_missing_column_is_a_clear_error_naming_file_and_column(tmp_path):
     root = tmp_path / "hd"
     write_homedepot(root)

@@ -323,8 +323,13 @@ def read_canonical(path: str | Path, grade_scale: str) -> RawSource:
     for kind, table_schema in schema.SCHEMAS.items():
         candidates = [root / f"{kind}.parquet", root / kind]
         found = next((c for c in candidates if c.exists()), None)
-        if found is None:
+        if found is None and kind == "products":
             raise CatalogFormatError(f"{root}: no {kind}.parquet (file or folder)")
+        if found is None:  # a catalog of products only: index and serve it, nothing to train
+            empty = pa.table({f.name: pa.array([], f.type) for f in table_schema}
+                             | {RECORD: pa.array([], pa.int64())})
+            tables.append(RawTable(kind, f"{root} (no {kind})", empty))
+            continue
         required = {f.name: f.name for f in table_schema if not f.nullable}
         optional = {f.name: f.name for f in table_schema if f.nullable}
         tables.append(
