@@ -146,6 +146,28 @@ def test_a_catalog_of_products_only_is_prepared_indexed_and_searched(ray_local, 
     assert searcher.search("kettle", k=1, mode="lexical")[0]["product_id"] == "p0"
 
 
+def test_canonical_catalog_with_a_custom_grade_scale(ray_local, tmp_path):
+    root = tmp_path / "stars"
+    root.mkdir()
+    pq.write_table(pa.table({"product_id": ["a", "b", "c"], "title": ["A", "B", "C"]}),
+                   root / "products.parquet")
+    pq.write_table(pa.table({"query_id": ["q1"], "text": ["a"]}), root / "queries.parquet")
+    pq.write_table(pa.table({"query_id": ["q1"] * 3, "product_id": ["a", "b", "c"],
+                             "grade": [2.0, 1.0, 5.0]}), root / "judgments.parquet")
+    scale = {"name": "stars", "levels": [{"label": "great", "grade": 2.0, "gain": 1.0},
+                                         {"label": "ok", "grade": 1.0, "gain": 0.3},
+                                         {"label": "bad", "grade": 0.0, "gain": 0.0}],
+             "positive_threshold": 1.0, "top_threshold": 2.0}
+    _, ds = _prepare(tmp_path, {"format": "canonical", "path": str(root),
+                                "grade_scale": scale})
+    assert ds.scale.name == "stars" and ds.scale.describe_gains() == "stars: great 1, ok 0.3, bad 0"
+    assert ds.qrels() == {"q1": {"a": 2.0, "b": 1.0}}  # grade 5 is no level: rejected, kept
+    assert [r["reason"] for r in _rejects(ds)] == ["grade: grade 5.0 is not a level of stars"]
+    with pytest.raises(ValueError, match="custom grade scale"):
+        _prepare(tmp_path, {"format": "canonical", "path": str(root),
+                            "grade_scale": {"name": "x", "colours": []}})
+
+
 def test_missing_column_is_a_clear_error_naming_file_and_column(tmp_path):
     root = tmp_path / "hd"
     write_homedepot(root)

@@ -41,7 +41,9 @@ UID = "_uid"  # file index << 40 | record: one int64 key per raw record across a
 class SourceConfig:
     format: Literal["synthetic", "homedepot", "esci", "wands", "canonical"] = "synthetic"
     path: str | None = None  # folder holding the source files (all formats but synthetic)
-    grade_scale: str | None = None  # canonical only: esci | wands | homedepot | synthetic
+    # canonical only: esci | wands | homedepot | synthetic, or a custom scale (a mapping:
+    # name, levels [{label, grade, gain}] best first or numeric_range [min, max], thresholds)
+    grade_scale: str | dict[str, Any] | None = None
     locale: str | None = "us"  # esci only: the market to keep
     num_products: int = 2000  # synthetic only
     num_queries: int | None = None  # synthetic only; default num_products / 10

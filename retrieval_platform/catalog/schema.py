@@ -224,7 +224,15 @@ GRADE_SCALES: dict[str, GradeScale] = {
 } | {"synthetic": SYNTHETIC}
 
 
-def grade_scale(name: str) -> GradeScale:
+def grade_scale(name: str | dict[str, Any]) -> GradeScale:
+    """A named scale, or a custom one given as a mapping: ``name``, either ``levels`` (best
+    first: ``label``, ``grade``, ``gain``) or ``numeric_range`` ([min, max], linear gain), and
+    ``positive_threshold`` / ``top_threshold`` (stage-1 positives; Recall and MRR's top grade)."""
+    if isinstance(name, dict):
+        try:
+            return GradeScale.from_dict(name)
+        except TypeError as exc:
+            raise ValueError(f"custom grade scale: {exc}") from None
     try:
         return GRADE_SCALES[name]
     except KeyError:

@@ -316,7 +316,7 @@ def read_wands(path: str | Path) -> RawSource:
     )
 
 
-def read_canonical(path: str | Path, grade_scale: str) -> RawSource:
+def read_canonical(path: str | Path, grade_scale: str | dict[str, Any]) -> RawSource:
     root = Path(path)
     ignored: dict[str, list[str]] = {}
     tables, files = [], []
