@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -122,3 +123,14 @@ def test_every_yaml_in_the_repo_opens_with_its_command_and_loads(path):
         validate_config(prepare_config(data))
     else:
         pytest.fail(f"{path}: unrecognised command line {first!r}")
+
+
+def test_grafana_dashboard_uses_only_metrics_the_service_exports():
+    """Every rp_ metric a panel queries is defined by a deployment (a renamed metric would
+    leave an empty panel)."""
+    dashboard = json.loads((REPO / "docs/grafana/retrieval_platform_dashboard.json").read_text())
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"ray_(rp_\w+?)(?:_bucket|_sum|_count)?\b", t["expr"])}
+    source = (REPO / "retrieval_platform/serving/deployments.py").read_text()
+    defined = set(re.findall(r'(?:Histogram|Counter)\(\s*"(rp_\w+)"', source))
+    assert queried and queried <= defined, queried - defined

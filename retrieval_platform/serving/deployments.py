@@ -44,6 +44,7 @@ from retrieval_platform.serving.search import (
 
 log = logging.getLogger("ray.serve")
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 
 
 def _reload(loaded: dict[str, Any], user_config: dict[str, Any],
@@ -70,6 +71,8 @@ class QueryEncoder:
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.latency = Histogram("rp_encode_latency_ms", description="query encoding per batch",
                                  boundaries=LATENCY_BOUNDARIES_MS)
+        self.batch_sizes = Histogram("rp_encode_batch_size", description="queries per batch",
+                                     boundaries=BATCH_SIZE_BOUNDARIES)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.models = _reload(self.models, user_config, load_encoder_for)
@@ -92,6 +95,7 @@ class QueryEncoder:
             for j, i in enumerate(idx):
                 out[i] = vecs[j : j + 1]
         self.latency.observe((time.perf_counter() - started) * 1000)
+        self.batch_sizes.observe(len(items))
         return out  # type: ignore[return-value]
 
     async def encode(self, version: str, text: str) -> np.ndarray:
@@ -209,6 +213,10 @@ class Ingress:
         self.fusion = fusion_of({})
         self.requests = Counter("rp_requests_total", description="search requests",
                                 tag_keys=("mode", "status"))
+        self.stage_latency = Histogram(
+            "rp_stage_latency_ms", description="time of one request in each stage, as the "
+            "ingress sees it (encode, shards, merge, lexical, total)",
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
         # Concurrent dense requests go out together: one encoder call and one call per shard
         # for the batch, instead of 1 + shards calls for every request (each call costs both
         # processes CPU time, the scarce thing on a small box). 1: every request alone.
@@ -326,6 +334,8 @@ class Ingress:
             hits = fuse_hits(dense, lexical, request.k, self.fusion)
         timings["total"] = (time.perf_counter() - started) * 1000
         self.requests.inc(tags={"mode": request.mode, "status": "200"})
+        for stage, ms in timings.items():
+            self.stage_latency.observe(ms, tags={"stage": stage})
         return SearchResponse(
             results=hits, mode=request.mode, version=version, model_id=self.model_id,
             partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
