@@ -12,6 +12,7 @@ import pyarrow as pa
 import ray
 
 from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.errors import PlatformError
 
 
 @dataclass
@@ -21,6 +22,16 @@ class EmbedConfig:
     actors: int = 2  # Ray Data actor pool size
     cpus_per_actor: float = 0.9  # a little under 1 leaves room for the read tasks
     precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    # GPUs per actor (fractions share one): the model runs on CUDA, in bf16 under ``auto``
+    num_gpus: float = 0.0
+
+
+def require_gpus(wanted: float, what: str) -> None:
+    """Fail clearly where GPUs are asked for on a cluster that has none (Ray would otherwise
+    wait for them forever)."""
+    if wanted and not ray.cluster_resources().get("GPU", 0):
+        raise PlatformError(f"{what} asks for {wanted:g} GPU(s) but the Ray cluster has none "
+                            "(set it to 0, or add GPU nodes: cluster.yaml)")
 
 
 class ProductEmbedder:
@@ -32,6 +43,8 @@ class ProductEmbedder:
 
         torch.set_num_threads(num_threads)
         self.model = DualEncoder.from_pretrained(model_dir)
+        if torch.cuda.is_available() and ray.get_gpu_ids():  # this actor was given a GPU
+            self.model.to("cuda")
         self.batch_size = encode_batch_size
         self.precision = precision
 
@@ -45,12 +58,14 @@ class ProductEmbedder:
 
 def embed_products(ds: ray.data.Dataset, model_dir: str, cfg: EmbedConfig) -> ray.data.Dataset:
     """``ds`` with ``product_id`` and ``text`` columns -> the same rows with ``embedding``."""
+    require_gpus(cfg.num_gpus, "embed.num_gpus")
     return ds.map_batches(
         ProductEmbedder,
         fn_constructor_kwargs=dict(model_dir=str(model_dir), precision=cfg.precision,
                                    encode_batch_size=cfg.encode_batch_size,
                                    num_threads=max(1, math.ceil(cfg.cpus_per_actor))),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.num_gpus or None,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
     )
 

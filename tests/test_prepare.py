@@ -211,3 +211,15 @@ def test_synthetic_prepare_splits_and_manifest(ray_local, tmp_path):
     again = PreparedDataset(out)
     assert {s: set(again.queries(s)["query_id"].to_pylist()) for s in splits} == splits
     assert again.products().sort_by("product_id").equals(products.sort_by("product_id"))
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(ray_local, tmp_path):
+    from retrieval_platform.embedding import EmbedConfig, embed_products, require_gpus
+    from retrieval_platform.errors import PlatformError
+
+    require_gpus(0, "embed.num_gpus")  # CPU only: nothing to check
+    _, ds = _prepare(tmp_path, {"num_products": 200})
+    with pytest.raises(PlatformError, match=r"embed.num_gpus asks for 1 GPU\(s\) but the Ray "
+                                            "cluster has none"):
+        embed_products(ds.products_dataset(["product_id", "text"]), "tiny",
+                       EmbedConfig(num_gpus=1))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
+from retrieval_platform.embedding import require_gpus
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.store import load_manifest
 from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
@@ -28,6 +29,8 @@ class EncoderArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share one): the "
+                        "encoder runs on CUDA, bf16 under precision auto; FAISS stays on CPU")
     threads: int | None = Field(None, ge=1, description="torch threads per replica (Ray sets "
                                 "one thread for a fractional CPU; more helps on idle cores)")
 
@@ -121,8 +124,10 @@ def build_app(args: AppArgs) -> Application:
     api_key = _api_key(args)
     loaded, active = version_configs(manifest)
     e = args.encoder
+    require_gpus(e.gpus, "encoder.gpus")
     encoder = QueryEncoder.options(
-        name=ENCODER, user_config=loaded, ray_actor_options={"num_cpus": e.cpus},
+        name=ENCODER, user_config=loaded,
+        ray_actor_options={"num_cpus": e.cpus} | ({"num_gpus": e.gpus} if e.gpus else {}),
         # Serve's default of 5 ongoing requests would cap every batch at 5 queries.
         max_ongoing_requests=2 * e.max_batch_size,
         autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
@@ -75,7 +76,10 @@ class QueryEncoder:
                                      boundaries=BATCH_SIZE_BOUNDARIES)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.models = _reload(self.models, user_config, load_encoder_for)
+        # on the GPU Ray gave this replica, if any (encoder.gpus)
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.models = _reload(self.models, user_config,
+                              lambda index_dir: load_encoder_for(index_dir, device))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, items: list[tuple[str, str]]) -> list[np.ndarray]:

@@ -39,8 +39,8 @@ class IndexEncoder:
                                  dim=self.dim)
 
 
-def load_encoder_for(index_dir: str | Path) -> IndexEncoder:
-    """The model an index was built with, checked against the index manifest."""
+def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder:
+    """The model an index was built with, checked against the index manifest, on ``device``."""
     manifest = load_manifest(index_dir)
     folder = manifest["model"]["path"]
     info = model_info(folder)
@@ -48,7 +48,7 @@ def load_encoder_for(index_dir: str | Path) -> IndexEncoder:
         raise IndexLoadError(f"{index_dir}: built with {manifest['model']['model_id']}, but "
                              f"{folder} now holds {info['model_id']}")
     dim = manifest.get("dim")  # indexes written before Matryoshka support: the model's
-    return IndexEncoder(DualEncoder.from_pretrained(folder),
+    return IndexEncoder(DualEncoder.from_pretrained(folder).to(device),
                         dim if dim and dim < info["dim"] else None)
 
 

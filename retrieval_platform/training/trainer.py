@@ -79,7 +79,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # One id for weights across the platform: the weights file's checksum (model_info).
     init_model_id = model_info(resolve_model_folder(init_source(cfg.model.init)))["model_id"]
     dataset = ray.data.from_arrow(examples)
-    storage = Path(cfg.run.storage_path).absolute()  # Ray Train needs an absolute path
+    # Ray Train needs an absolute path or a URI (s3://, gs://, ...), passed through as it is
+    storage = (cfg.run.storage_path if "://" in cfg.run.storage_path
+               else Path(cfg.run.storage_path).absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "init_model_id": init_model_id},
