@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from retrieval_platform.errors import PlatformError
 
@@ -50,6 +50,11 @@ class ServeStepConfig:
     app_name: str = "retrieval"
     args: dict[str, Any] = field(default_factory=dict)  # AppArgs fields
     config_path: str = "runs/serve/{name}.yaml"
+    # A re-run while an app serves: "auto" keeps it serving through training when the cluster
+    # has `cpus_needed` CPUs free beside it, then swaps the new version in (zero downtime);
+    # "yes" always keeps it; "no" deletes it first (a small box: its CPUs go to training).
+    keep_serving: Literal["auto", "yes", "no"] = "auto"
+    cpus_needed: float = 2.0  # CPUs the steps use at once (the training workers)
 
 
 @dataclass
@@ -134,7 +139,7 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     address = cluster_address(cfg.cluster)
     timings["cluster"] = time.monotonic() - t0
-    free_serve_resources(cfg.serve.app_name)
+    serving = keep_or_stop_serving(cfg.serve)
     for step in cfg.steps:
         args = [sys.executable, "-m", step.job, "--config", step.config]
         for item in step.set:
@@ -147,7 +152,7 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     os.environ["RAY_ADDRESS"] = "auto"
     ray.init(address="auto", logging_level=logging.WARNING, configure_logging=False)
     try:
-        url = deploy_serve(cfg, home)
+        url = swap_in(cfg, home) if serving else deploy_serve(cfg, home)
     finally:
         ray.shutdown()
     timings["serve"] = time.monotonic() - started
@@ -155,24 +160,51 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     return {"address": address, "url": url, "timings": timings, "answers": answers}
 
 
-def free_serve_resources(app_name: str) -> None:
-    """A previous run's application holds CPUs the training workers need: delete it (the
-    pipeline deploys the new one at the end)."""
+def keep_or_stop_serving(cfg: ServeStepConfig) -> bool:
+    """Whether a running application keeps serving while the steps run (say which, and why);
+    if not, delete it now so that its replicas' CPUs go to the steps."""
     import ray
     from ray import serve
 
     ray.init(address="auto", logging_level=logging.WARNING, configure_logging=False)
     try:
         try:
-            running = serve.status().applications
+            running = cfg.app_name in serve.status().applications
         except Exception:  # no Serve instance on the cluster yet
-            running = {}
-        if app_name in running:
-            print(f"deleting the running Serve application {app_name!r} until the new index "
-                  "is ready (its replicas hold CPUs that training needs)", flush=True)
-            serve.delete(app_name)
+            running = False
+        if not running:
+            return False
+        free = ray.available_resources().get("CPU", 0.0)
+        keep = cfg.keep_serving == "yes" or (cfg.keep_serving == "auto"
+                                             and free >= cfg.cpus_needed)
+        if keep:
+            print(f"the Serve application {cfg.app_name!r} keeps serving while the new version "
+                  f"is built ({free:g} CPUs free beside it); it is swapped in at the end, "
+                  "without dropping a request", flush=True)
+        else:
+            print(f"stopping the Serve application {cfg.app_name!r} until the new version is "
+                  f"ready: {free:g} CPUs free beside it, the steps need {cfg.cpus_needed:g} "
+                  "(serve.keep_serving: yes keeps it anyway)", flush=True)
+            serve.delete(cfg.app_name)
+        return keep
     finally:
         ray.shutdown()
+
+
+def swap_in(cfg: PipelineConfig, home: Path) -> str:
+    """Serve the new index version in the running application, in place (control.swap_version:
+    zero downtime); a new shard count needs a fresh deployment instead."""
+    from retrieval_platform.index.store import resolve_index_dir
+    from retrieval_platform.serving.control import swap_version
+
+    index = resolve_index_dir(home / _fill(cfg.serve.index, cfg.name))
+    try:
+        swapped = swap_version(str(index), app_name=cfg.serve.app_name)
+    except PlatformError as exc:
+        print(f"\n=== serve: cannot swap in place ({exc}); deploying afresh", flush=True)
+        return deploy_serve(cfg, home)
+    print(f"\n=== serve: swapped {swapped['from']} -> {swapped['to']} in place", flush=True)
+    return f"http://127.0.0.1:{cfg.serve.http_port}"
 
 
 def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
