@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--model", help="... embedded by this model")
     parser.add_argument("--dims", type=int, nargs="*", default=[],
                         help="also flat indexes at these Matryoshka prefixes")
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="sweep only the indexes whose factory string contains one of these")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
@@ -181,6 +183,8 @@ def main() -> None:
         del index
 
     for name, params, knob, values in sweeps(n, dim):
+        if args.only and not any(part in name for part in args.only):
+            continue
         started = time.perf_counter()
         index = build_index(xb, params)
         build_s = time.perf_counter() - started
