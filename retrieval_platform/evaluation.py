@@ -110,7 +110,10 @@ def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtext
     ``cfg.query_precisions``."""
     started = time.perf_counter()
     folder = resolve_model_folder(model)
-    embedded = embed_products(ds.products_dataset(table=products), str(folder), cfg.embed)
+    # blocks small enough that every actor has work to the end (a sampled corpus is small)
+    block = max(64, min(1024, -(-products.num_rows // (4 * cfg.embed.actors))))
+    embedded = embed_products(ds.products_dataset(table=products, rows_per_block=block),
+                              str(folder), cfg.embed)
     cols, xb = collect(embedded, ["product_id"])
     encoder = DualEncoder.from_pretrained(folder)
     xq = {key: encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
