@@ -11,8 +11,8 @@ concurrency with its latency histogram. In-process uses the same code the deploy
 (LocalSearcher), with a thread pool of the same concurrency (torch and FAISS release the GIL).
 
 Per hop, at concurrency 1: the client's latency, the ingress's own laps (``timings_ms`` of each
-response: encoder ready, encoder + shard fan-out, merge), and the same steps in process
-(encoding, every shard's search, the merge); the differences are what the hops add.
+response: encoder call, shard fan-out, merge), and the same steps in process (encoding, every
+shard's search, the merge); the differences are what each hop adds.
 """
 
 from __future__ import annotations
@@ -221,13 +221,9 @@ def main() -> None:
               "|---|---:|---:|---:|")
         print(f"| client → proxy → ingress → client | {h['http_client']} | – | "
               f"{h['http_client'] - h['http_total']:.2f} |")
-        local_fan_out = h["local_encode"] + h["local_shards"]
-        print(f"| encode (vectors ready at the ingress) | {h['http_encode']} | "
-              f"{h['local_encode']} | {h['http_encode'] - h['local_encode']:.2f} |")
-        print(f"| encode + shards (vectors passed by reference) | {h['http_shards']} | "
-              f"{local_fan_out:.2f} | {h['http_shards'] - local_fan_out:.2f} |")
-        print(f"| merge | {h['http_merge']} | {h['local_merge']} | "
-              f"{h['http_merge'] - h['local_merge']:.2f} |")
+        for step in ("encode", "shards", "merge"):
+            print(f"| {step} | {h[f'http_{step}']} | {h[f'local_{step}']} | "
+                  f"{h[f'http_{step}'] - h[f'local_{step}']:.2f} |")
     print("\n| variant | concurrency | HTTP QPS | p50 / p99 ms | errors | in-process QPS | "
           "p50 / p99 ms | ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, v in variants.items():

@@ -259,26 +259,17 @@ class Ingress:
                              items: list[tuple[str, str, int, dict[str, Any] | None]]
                              ) -> list[_Dense]:
         timings: dict[str, float] = {}
-        started = time.perf_counter()
+        lap = time.perf_counter()
         texts = [query for _, query, _, _ in items]
         k = max(depth for _, _, depth, _ in items)
         filters = [f for _, _, _, f in items]
-        # The encoder's response goes to the shards as a reference: the query vectors travel
-        # encoder -> shards directly, not through this process (one hop less on the way).
-        xq = self.encoder.encode_many.remote(version, texts)  # (n, d) when resolved
+        # The vectors come back here and go out to the shards: Ray's ownership model routes a
+        # reference passed on through this process anyway, and measured slower (BENCHMARKS.md).
+        xq = await self._call(self.encoder.encode_many.remote(version, texts))  # (n, d)
+        lap = _lap(timings, "encode", lap)
         calls = [self._call(h.search_many.remote(version, xq, k, filters)) for h in self.shards]
-        encoded = asyncio.ensure_future(self._call(xq))  # when the vectors were ready (laps)
-
-        def _encoded(future: asyncio.Future) -> None:
-            _lap(timings, "encode", started)
-            if not future.cancelled():
-                future.exception()  # retrieved here; raised below where it matters
-
-        encoded.add_done_callback(_encoded)
         results = await asyncio.gather(*calls, return_exceptions=True)
-        if all(isinstance(r, BaseException) for r in results):
-            await encoded  # an encoder failure fails the requests as such (not as shards)
-        lap = _lap(timings, "shards", started)  # encoding + the slowest shard
+        lap = _lap(timings, "shards", lap)  # the slowest shard and its hop
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         for i in failed:
             log.warning("shard %d failed: %r", i, results[i])
