@@ -51,7 +51,7 @@ def main() -> None:
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     encoder = {"cpus": 0.5, "min_replicas": 1, "max_replicas": args.max_replicas,
-               "target_ongoing_requests": 2, "upscale_delay_s": 3, "downscale_delay_s": 15}
+               "target_ongoing_requests": 1, "upscale_delay_s": 3, "downscale_delay_s": 15}
     config = app_config(AppArgs(index=args.index, lexical=False, encoder=encoder))
     apply(serve_config([config], port=args.port))
     app = config["name"]
