@@ -146,6 +146,7 @@ def test_health_docs_and_openapi(service):
     ({"query": "shoes", "filters": {"brand": "x"}}, 422, "Extra inputs"),
     ({"query": "shoes", "allow_partial": 0}, 422, "valid boolean"),
     ({"query": "shoes", "k": "5"}, 422, "valid integer"),
+    ({"query": "shoes", "k": 2.5}, 422, "valid integer"),
 ])
 def test_bad_requests_are_4xx_with_a_message(service, body, status, message):
     r = service["client"].post("/search", json=body)

@@ -282,7 +282,9 @@ class Ingress:
         return [_Dense(hits, answered, failed, timings) for hits in merged]
 
     @app.post("/search", response_model=SearchResponse,
-              responses={401: {"description": "missing or wrong API key"},
+              responses={400: {"description": "the body is not valid JSON, or a lexical or "
+                                              "hybrid request to an index without BM25"},
+                         401: {"description": "missing or wrong API key"},
                          413: {"description": "request body too large"},
                          503: {"description": "a shard or the encoder is unavailable"}})
     async def search(self, request: SearchRequest) -> SearchResponse:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUERY_CHARS = 512
 MAX_K = 100
+BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the schema's pattern)
 
 
 class Filters(BaseModel):
@@ -29,7 +30,10 @@ class Filters(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    # the schema's pattern says what the service accepts: at least one character that is not an
+    # ASCII space, tab or line break (_not_blank checks exactly that, with a readable message)
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS,
+                       json_schema_extra={"pattern": r"[^ \t\n\r\f\v]"},
                        description="the shopper's query")
     k: int = Field(10, ge=1, le=MAX_K, description="results to return")
     mode: Literal["dense", "lexical", "hybrid"] = Field(
@@ -40,12 +44,22 @@ class SearchRequest(BaseModel):
         False, description="answer from the shards that responded when some failed "
                            "(marked partial) instead of a 503")
 
+    @field_validator("k", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        # JSON Schema's "integer" includes 82.0 (a number with no fractional part); strict
+        # mode still refuses strings, booleans and 82.5
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("query")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+        stripped = value.strip(BLANK)
+        if not stripped:
             raise ValueError("query must contain non-whitespace characters")
-        return value.strip()
+        return stripped
 
 
 class Hit(BaseModel):
