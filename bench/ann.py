@@ -71,6 +71,18 @@ def single_query_qps(index: faiss.Index, xq: np.ndarray, params: IndexParams,
     return min(n, len(xq)) / (time.perf_counter() - started)
 
 
+def measure(index: faiss.Index, xq: np.ndarray, params: IndexParams, truth: np.ndarray,
+            flat: tuple[float, float]) -> dict[str, float]:
+    """Memory, recall@10 against ``truth`` and speed (batch and one at a time) of one index
+    setting, with speedups over flat's (batch QPS, one-at-a-time QPS)."""
+    I, qps = timed_search(index, xq, params)
+    qps1 = single_query_qps(index, xq, params)
+    return {"bytes_per_vector": round(bytes_per_vector(index), 1),
+            "recall@10": round(recall_at_10(I, truth), 4), "qps": round(qps, 1),
+            "speedup": round(qps / flat[0], 2), "qps_1": round(qps1, 1),
+            "speedup_1": round(qps1 / flat[1], 2)}
+
+
 def bytes_per_vector(index: faiss.Index) -> float:
     return faiss.serialize_index(index).nbytes / index.ntotal
 
@@ -190,13 +202,8 @@ def main() -> None:
     for d in args.dims:
         params = IndexParams(factory="Flat")
         index = build_index(first_dims(xb, d), params)
-        I, qps = timed_search(index, first_dims(xq, d), params)
-        qps1 = single_query_qps(index, first_dims(xq, d), params)
-        rows.append({"index": f"Flat @{d} dims", "params": "-", "build_s": 0.0,
-                     "bytes_per_vector": round(bytes_per_vector(index), 1),
-                     "recall@10": round(recall_at_10(I, truth), 4), "qps": round(qps, 1),
-                     "speedup": round(qps / flat_qps, 2), "qps_1": round(qps1, 1),
-                     "speedup_1": round(qps1 / flat_qps1, 2)})
+        rows.append(measure(index, first_dims(xq, d), params, truth, (flat_qps, flat_qps1))
+                    | {"index": f"Flat @{d} dims", "params": "-", "build_s": 0.0})
         print(rows[-1], flush=True)
         del index
 
@@ -208,13 +215,9 @@ def main() -> None:
         build_s = time.perf_counter() - started
         for value in values:
             p = IndexParams(**{**params.__dict__, knob: value})
-            I, qps = timed_search(index, xq, p)
-            qps1 = single_query_qps(index, xq, p)
-            rows.append({"index": name, "params": f"{knob}={value}", "build_s": round(build_s, 1),
-                         "bytes_per_vector": round(bytes_per_vector(index), 1),
-                         "recall@10": round(recall_at_10(I, truth), 4), "qps": round(qps, 1),
-                         "speedup": round(qps / flat_qps, 2), "qps_1": round(qps1, 1),
-                         "speedup_1": round(qps1 / flat_qps1, 2)})
+            rows.append(measure(index, xq, p, truth, (flat_qps, flat_qps1))
+                        | {"index": name, "params": f"{knob}={value}",
+                           "build_s": round(build_s, 1)})
             print(rows[-1], flush=True)
         del index
 

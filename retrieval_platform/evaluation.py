@@ -246,8 +246,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     write_report(report, Path(cfg.output_dir))
     log_evaluation(cfg.tracking, report, Path(cfg.output_dir))
-    for name, model in cfg.models.items():  # the model cards of trained folders show it
-        record_evaluation(resolve_model_folder(model), report, name)
+    for name, model in report["models"].items():  # the model cards of trained folders show it
+        record_evaluation(model["path"], report, name)
     return report
 
 

@@ -102,10 +102,6 @@ class QueryEncoder:
         self.batch_sizes.observe(len(items))
         return out  # type: ignore[return-value]
 
-    async def encode(self, version: str, text: str) -> np.ndarray:
-        """(1, d) unit query vector."""
-        return await self._encode_batch((version, text))
-
     async def encode_many(self, version: str, texts: list[str]) -> np.ndarray:
         """(n, d) unit query vectors: one call for an ingress's batch of requests (they join
         this replica's batches like single requests)."""
