@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,9 @@ def _swap(args: argparse.Namespace) -> int:
     from retrieval_platform.serving.control import swap_version
 
     ray.init(address=args.address, logging_level=logging.WARNING, configure_logging=False)
-    print(json.dumps(swap_version(str(Path(args.index).absolute()), app_name=args.app), indent=2))
+    from retrieval_platform.storage import canonical
+
+    print(json.dumps(swap_version(canonical(args.index), app_name=args.app), indent=2))
     return 0
 
 
@@ -97,6 +100,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(args: argparse.Namespace) -> int:
+    """Copy a local folder (a model of your own, say) to a storage location, or list one."""
+    from retrieval_platform import storage
+
+    if args.action == "upload":
+        if not args.local or not Path(args.local).is_dir():
+            raise PlatformError(f"upload: {args.local!r} is not a local folder")
+        with storage.publish(args.location, overwrite=args.overwrite) as tmp:
+            shutil.copytree(args.local, tmp, dirs_exist_ok=True)
+        print(f"{args.local} -> {storage.canonical(args.location)}")
+        return 0
+    for name, size in storage.list_files(args.location).items():
+        print(f"{size:>12,}  {name}")
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     """Stop Serve, every job and the local cluster this machine started."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -136,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--dashboard", default="http://127.0.0.1:8265")
     st.set_defaults(func=_status)
     sub.add_parser("stop", help="stop Serve and the local Ray cluster").set_defaults(func=_stop)
+    sg = sub.add_parser("storage", help="list a storage location, or upload a local folder to it "
+                                        "(checksummed, as jobs publish)")
+    sg.add_argument("action", choices=["ls", "upload"])
+    sg.add_argument("location", help="a folder or URI (s3://bucket/prefix/...)")
+    sg.add_argument("local", nargs="?", help="upload: the local folder")
+    sg.add_argument("--overwrite", action="store_true")
+    sg.set_defaults(func=_storage)
     args = parser.parse_args(argv)
     configure_logging()
     try:

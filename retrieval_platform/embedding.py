@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.encoder.model import DualEncoder, model_location, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 
 
@@ -37,12 +38,13 @@ def require_gpus(wanted: float, what: str) -> None:
 class ProductEmbedder:
     """Ray Data UDF: adds an ``embedding`` column (unit float32 vectors) from the ``text`` one."""
 
-    def __init__(self, model_dir: str, encode_batch_size: int, precision: str,
+    def __init__(self, model: str, encode_batch_size: int, precision: str,
                  num_threads: int) -> None:
         import torch
 
         torch.set_num_threads(num_threads)
-        self.model = DualEncoder.from_pretrained(model_dir)
+        # resolved here, on this actor's node: a driver's local folder may not exist here
+        self.model = DualEncoder.from_pretrained(resolve_model_folder(model))
         if torch.cuda.is_available() and ray.get_gpu_ids():  # this actor was given a GPU
             self.model.to("cuda")
         self.batch_size = encode_batch_size
@@ -56,12 +58,14 @@ class ProductEmbedder:
         return batch.append_column("embedding", column)
 
 
-def embed_products(ds: ray.data.Dataset, model_dir: str, cfg: EmbedConfig) -> ray.data.Dataset:
-    """``ds`` with ``product_id`` and ``text`` columns -> the same rows with ``embedding``."""
+def embed_products(ds: ray.data.Dataset, model: str | Path, cfg: EmbedConfig
+                   ) -> ray.data.Dataset:
+    """``ds`` with ``product_id`` and ``text`` columns -> the same rows with ``embedding``;
+    ``model`` as :func:`~retrieval_platform.encoder.model.model_location` names it."""
     require_gpus(cfg.num_gpus, "embed.num_gpus")
     return ds.map_batches(
         ProductEmbedder,
-        fn_constructor_kwargs=dict(model_dir=str(model_dir), precision=cfg.precision,
+        fn_constructor_kwargs=dict(model=model_location(model), precision=cfg.precision,
                                    encode_batch_size=cfg.encode_batch_size,
                                    num_threads=max(1, math.ceil(cfg.cpus_per_actor))),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor,

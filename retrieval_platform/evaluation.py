@@ -20,11 +20,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
 from retrieval_platform.encoder.card import record_evaluation
-from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
+from retrieval_platform.encoder.model import (
+    DualEncoder,
+    model_info,
+    model_location,
+    resolve_model_folder,
+)
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index import Hits
 from retrieval_platform.index.bm25 import BM25Retriever
@@ -113,7 +119,7 @@ def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtext
     # blocks small enough that every actor has work to the end (a sampled corpus is small)
     block = max(64, min(1024, -(-products.num_rows // (4 * cfg.embed.actors))))
     embedded = embed_products(ds.products_dataset(table=products, rows_per_block=block),
-                              str(folder), cfg.embed)
+                              model, cfg.embed)
     cols, xb = collect(embedded, ["product_id"])
     encoder = DualEncoder.from_pretrained(folder)
     xq = {key: encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
@@ -234,20 +240,21 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results = {name: aggregate(per_query[name]) | {"seconds": round(ranked[name].seconds, 1)}
                for name in ranked}
     report = {
-        "dataset": str(ds.path), "split": cfg.split, "queries": len(qids),
+        "dataset": ds.location, "split": cfg.split, "queries": len(qids),
         "products": products.num_rows,
         "full_corpus": products.num_rows == ds.manifest["counts"]["products"]["accepted"],
         "gain_map": scale.describe_gains(), "top_grade": f"grade >= {scale.top_threshold:g}",
-        "models": {name: {"path": str(resolve_model_folder(m)), "model_id": model_ids[name]}
+        "models": {name: {"path": model_location(m), "model_id": model_ids[name]}
                    for name, m in cfg.models.items()},
         "results": results, "config": to_dict(cfg),
         # Per-query values, for paired bootstrap intervals (retrieval_platform.stats).
         "query_text": dict(zip(qids, qtexts, strict=True)), "per_query": per_query,
     }
-    write_report(report, Path(cfg.output_dir))
-    log_evaluation(cfg.tracking, report, Path(cfg.output_dir))
+    with storage.publish(cfg.output_dir, overwrite=True) as out:
+        write_report(report, out)
+        log_evaluation(cfg.tracking, report, out, name=Path(storage.canonical(cfg.output_dir)).name)
     for name, model in report["models"].items():  # the model cards of trained folders show it
-        record_evaluation(model["path"], report, name)
+        record_evaluation(model["path"], report, name)  # local folders (stored ones are final)
     return report
 
 

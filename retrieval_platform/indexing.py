@@ -5,11 +5,9 @@ folder described in :mod:`retrieval_platform.index.store` atomically."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -17,14 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
-from retrieval_platform.encoder.model import model_info, resolve_model_folder
+from retrieval_platform.encoder.model import model_info, model_location, resolve_model_folder
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, shard_bounds
 from retrieval_platform.index.store import FORMAT_VERSION, META_COLUMNS, IndexLoadError
-from retrieval_platform.io import publish_dir, sha256_file, write_json
+from retrieval_platform.io import sha256_file, write_json
 from retrieval_platform.retrievers.hybrid import Fusion
 
 log = logging.getLogger(__name__)
@@ -53,12 +52,16 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
     folder = resolve_model_folder(cfg.model)
     info = model_info(folder)
     version = cfg.version or datetime.now(UTC).strftime("v%Y%m%d-%H%M%S")
-    target = Path(cfg.output_root) / version
-    with publish_dir(target, overwrite=False) as tmp:
+    target = storage.join(cfg.output_root, version)
+    with storage.publish(target, overwrite=False) as tmp:
         embedded = embed_products(ds.products_dataset(["product_id", "text", *META_COLUMNS[1:]]),
-                                  str(folder), cfg.embed).materialize()
-        embedded.select_columns(["product_id", "embedding"]).write_parquet(str(tmp / "embeddings"))
+                                  cfg.model, cfg.embed)
         cols, xb = collect(embedded, [*META_COLUMNS, "text"])
+        (tmp / "embeddings").mkdir()  # written here: this folder exists on this node only
+        pq.write_table(pa.table({"product_id": cols["product_id"], "embedding":
+                                 pa.FixedSizeListArray.from_arrays(pa.array(xb.reshape(-1)),
+                                                                   xb.shape[1])}),
+                       tmp / "embeddings" / "part-00000.parquet")
         if xb.shape[1] != info["dim"]:
             raise IndexLoadError(f"model {folder} gives {xb.shape[1]}-d vectors, "
                                  f"its manifest says {info['dim']}")
@@ -82,9 +85,9 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
             "format_version": FORMAT_VERSION,
             "version": version,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": {"path": str(folder), "model_id": info["model_id"], "dim": info["dim"],
-                      "weights_sha256": info["weights_sha256"]},
-            "dataset": {"path": str(ds.path), "grade_scale": ds.scale.name},
+            "model": {"path": model_location(cfg.model), "model_id": info["model_id"],
+                      "dim": info["dim"], "weights_sha256": info["weights_sha256"]},
+            "dataset": {"path": ds.location, "grade_scale": ds.scale.name},
             "metric": "inner_product",
             "dim": int(xb.shape[1]),  # the index's dimension (a Matryoshka prefix if smaller)
             "params": asdict(cfg.params),
@@ -96,9 +99,7 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
             "wall_seconds": round(time.perf_counter() - started, 2),
         }
         write_json(tmp / "manifest.json", manifest)
-    latest = Path(cfg.output_root) / "LATEST"
-    latest.with_suffix(".tmp").write_text(version + "\n")
-    os.replace(latest.with_suffix(".tmp"), latest)
+    storage.write_text(storage.join(cfg.output_root, "LATEST"), version + "\n")
     log.info("index %s: %d products in %d shards (%.0fs)", target, len(xb), len(shards),
              manifest["wall_seconds"])
-    return manifest | {"path": str(target)}
+    return manifest | {"path": storage.canonical(target)}

@@ -118,15 +118,13 @@ def _live_recorded_cluster() -> str:
 def run_job(name: str, body: Callable[[], object]) -> int:
     """Run ``body`` inside a Ray session; return the process exit code.
 
-    ``RP_HOME``, when set (the pipeline sets it on every job it submits), is the folder that
-    relative paths in configs are relative to: a submitted job's own working directory is a
-    temporary copy, and its outputs must outlive it."""
+    Relative paths in configs resolve against the working directory: under ``ray job submit
+    --working-dir`` that is the job's own copy of the code, so outputs meant to outlive the job
+    name a storage location (an absolute path, or a URI such as ``s3://bucket/prefix``)."""
     configure_logging()
-    home = os.environ.get("RP_HOME")
-    if home:
-        os.chdir(home)
     try:
         with ray_session():
+            log.info("%s runs on %s", name, json.dumps(where_this_runs()))
             body()
     except PlatformError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
@@ -139,6 +137,19 @@ def run_job(name: str, body: Callable[[], object]) -> int:
         print(f"{name}: failed (see the traceback above)", file=sys.stderr)
         return 1
     return 0
+
+
+def where_this_runs() -> dict[str, str]:
+    """This process's node, host, working directory and code (logged by every job, so that a
+    cluster run shows where each piece ran and which copy of the code it ran)."""
+    import ray
+
+    import retrieval_platform
+
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "host": socket.gethostname(), "cwd": os.getcwd(),
+            "code": str(Path(retrieval_platform.__file__).parent)}
 
 
 def job_main(name: str, config_cls: type, body: Callable[[Any], Any], argv: list[str] | None,

@@ -8,6 +8,7 @@ training loop samples a few of the kept ones afresh every epoch."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.embedding import EmbedConfig, collect, embed_products
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
@@ -43,7 +45,7 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
     ds = PreparedDataset(cfg.prepared_dir)
     folder = resolve_model_folder(cfg.model)
     cols, xb = collect(embed_products(ds.products_dataset(["product_id", "text", "variant_group"]),
-                                      str(folder), cfg.embed), ["product_id", "variant_group"])
+                                      cfg.model, cfg.embed), ["product_id", "variant_group"])
     ids, groups = cols["product_id"], cols["variant_group"]
     group_of = dict(zip(ids, groups, strict=True))
 
@@ -76,13 +78,13 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
         rows["query_id"].append(qid)
         rows["negative_ids"].append(negs)
         rows["negative_scores"].append(scores)
-    out = Path(cfg.output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(pa.table(rows, schema=NEGATIVES_SCHEMA), tmp)
-    tmp.replace(out)
+    with tempfile.TemporaryDirectory(prefix="rp-negatives-") as tmp:
+        local = Path(tmp) / "negatives.parquet"
+        pq.write_table(pa.table(rows, schema=NEGATIVES_SCHEMA), local)
+        storage.publish_file(local, cfg.output_path)
     stats = {"queries": len(qids), "negatives": sum(map(len, rows["negative_ids"])),
              "dropped_positive_or_variant": dropped, "model_id": model_info(folder)["model_id"],
-             "output_path": str(out), "seconds": round(time.perf_counter() - started, 1)}
+             "output_path": storage.canonical(cfg.output_path),
+             "seconds": round(time.perf_counter() - started, 1)}
     log.info("mined negatives: %s", stats)
     return stats

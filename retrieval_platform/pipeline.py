@@ -38,18 +38,27 @@ class StepConfig:
 @dataclass
 class ClusterConfig:
     address: str = "http://127.0.0.1:8265"  # the dashboard / job API
+    # the cluster's GCS, for deploying Serve (the pipeline then runs on a node of the cluster:
+    # the head, or a laptop inside its network); "auto": the cluster started on this machine
+    gcs_address: str = "auto"
     start_local: bool = True  # start `ray start --head` here when nothing answers there
     num_cpus: int | None = None
     dashboard_port: int = 8265
+    # the interpreter of the cluster's nodes; null: this one (a cluster on this machine)
+    python: str | None = None
+    # shipped with every job (code and configs); none of it depends on this machine's folders
+    working_dir: str = "."
+    excludes: list[str] = field(default_factory=lambda: [
+        ".git/", ".venv/", "runs/", "docs/", "**/__pycache__/", "*.egg-info/"])
 
 
 @dataclass
 class ServeStepConfig:
-    index: str = "runs/indexes/{name}"
+    index: str = "{storage}/indexes/{name}"
     http_port: int = 8000
     app_name: str = "retrieval"
     args: dict[str, Any] = field(default_factory=dict)  # AppArgs fields
-    config_path: str = "runs/serve/{name}.yaml"
+    config_path: str = "runs/serve/{name}.yaml"  # on this machine: `serve deploy` takes it
     # A re-run while an app serves: "auto" keeps it serving through training when the cluster
     # has `cpus_needed` CPUs free beside it, then swaps the new version in (zero downtime);
     # "yes" always keeps it; "no" deletes it first (a small box: its CPUs go to training).
@@ -60,15 +69,20 @@ class ServeStepConfig:
 @dataclass
 class PipelineConfig:
     name: str = "synthetic"
+    # where every artefact goes ("{storage}" in the steps): a local folder (this machine's, so
+    # a one-machine cluster), or a URI every node reaches, such as s3://bucket/prefix
+    storage: str = "runs"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     steps: list[StepConfig] = field(default_factory=list)
     serve: ServeStepConfig = field(default_factory=ServeStepConfig)
     examples: list[str] = field(default_factory=list)
-    report: str = "runs/reports/{name}/report.md"
+    report: str = "{storage}/reports/{name}/report.md"
 
+    def fill(self, text: str) -> str:
+        """``text`` with ``{name}`` and ``{storage}`` (made absolute when it is local)."""
+        from retrieval_platform.storage import canonical
 
-def _fill(text: str, name: str) -> str:
-    return text.replace("{name}", name)
+        return text.replace("{name}", self.name).replace("{storage}", canonical(self.storage))
 
 
 def cluster_address(cfg: ClusterConfig) -> str:
@@ -102,15 +116,35 @@ def cluster_address(cfg: ClusterConfig) -> str:
     raise PlatformError(f"started Ray, but its dashboard does not answer at {cfg.address}")
 
 
-def submit(address: str, entrypoint: str, home: Path, *, name: str) -> None:
-    """Submit one job, stream its logs, and raise if it does not succeed."""
+def job_runtime_env(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
+    """What travels with every job: the code and configs (``working_dir``), and an environment
+    that needs nothing of this machine."""
+    from retrieval_platform.storage import canonical, is_remote
+    from retrieval_platform.tracking import TRACKING_OFF_ENV
+
+    env = dict(JOB_ENV)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    elif not is_remote(cfg.storage):
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{canonical(cfg.storage)}/mlflow.db"
+    else:  # a job's default store would be its temporary working directory
+        env[TRACKING_OFF_ENV] = "1"
+        print("experiment tracking is off for this run: set MLFLOW_TRACKING_URI to a tracking "
+              "server the cluster reaches to keep its runs", flush=True)
+    return {"working_dir": str((home / cfg.cluster.working_dir).resolve()),
+            "excludes": list(cfg.cluster.excludes), "env_vars": env}
+
+
+def submit(address: str, entrypoint: str, runtime_env: dict[str, Any], *, name: str
+           ) -> tuple[str, str]:
+    """Submit one job, stream its logs, and raise if it does not succeed; (job id, its log)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
         entrypoint=entrypoint,
         submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        runtime_env={"env_vars": JOB_ENV | {"RP_HOME": str(home)}},
+        runtime_env=runtime_env,
     )
     print(f"\n=== {name}: job {job_id} (ray job logs {job_id} --address {address})", flush=True)
     started, offset = time.monotonic(), 0
@@ -129,6 +163,7 @@ def submit(address: str, entrypoint: str, home: Path, *, name: str) -> None:
         raise PlatformError(f"job {name} ({job_id}) {status.value} after {took:.0f}s; "
                             "its log is above")
     print(f"=== {name}: succeeded in {took:.0f}s", flush=True)
+    return job_id, logs
 
 
 def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
@@ -139,34 +174,41 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     address = cluster_address(cfg.cluster)
     timings["cluster"] = time.monotonic() - t0
-    serving = keep_or_stop_serving(cfg.serve)
+    serving = keep_or_stop_serving(cfg)
+    runtime_env = job_runtime_env(cfg, home)
+    python = cfg.cluster.python or sys.executable
+    jobs = {}
     for step in cfg.steps:
-        args = [sys.executable, "-m", step.job, "--config", step.config]
+        args = [python, "-m", step.job, "--config", step.config]
         for item in step.set:
-            args += ["--set", _fill(item, cfg.name)]
+            args += ["--set", cfg.fill(item)]
         started = time.monotonic()
-        submit(address, shlex.join(args), home, name=step.job.split(".")[-1])
+        name = step.job.split(".")[-1]
+        jobs[name], _ = submit(address, shlex.join(args), runtime_env, name=name)
         timings[step.job] = time.monotonic() - started
 
     started = time.monotonic()
-    os.environ["RAY_ADDRESS"] = "auto"
-    ray.init(address="auto", logging_level=logging.WARNING, configure_logging=False)
+    ray.init(address=cfg.cluster.gcs_address, logging_level=logging.WARNING,
+             configure_logging=False)
     try:
         url = swap_in(cfg, home) if serving else deploy_serve(cfg, home)
     finally:
         ray.shutdown()
     timings["serve"] = time.monotonic() - started
     answers = query_examples(url, cfg.examples)
-    return {"address": address, "url": url, "timings": timings, "answers": answers}
+    return {"address": address, "url": url, "timings": timings, "answers": answers,
+            "jobs": jobs, "storage": cfg.fill("{storage}")}
 
 
-def keep_or_stop_serving(cfg: ServeStepConfig) -> bool:
+def keep_or_stop_serving(pipeline: PipelineConfig) -> bool:
     """Whether a running application keeps serving while the steps run (say which, and why);
     if not, delete it now so that its replicas' CPUs go to the steps."""
     import ray
     from ray import serve
 
-    ray.init(address="auto", logging_level=logging.WARNING, configure_logging=False)
+    cfg = pipeline.serve
+    ray.init(address=pipeline.cluster.gcs_address, logging_level=logging.WARNING,
+             configure_logging=False)
     try:
         try:
             running = cfg.app_name in serve.status().applications
@@ -197,9 +239,9 @@ def swap_in(cfg: PipelineConfig, home: Path) -> str:
     from retrieval_platform.index.store import resolve_index_dir
     from retrieval_platform.serving.control import swap_version
 
-    index = resolve_index_dir(home / _fill(cfg.serve.index, cfg.name))
+    index = resolve_index_dir(cfg.fill(cfg.serve.index))
     try:
-        swapped = swap_version(str(index), app_name=cfg.serve.app_name)
+        swapped = swap_version(index, app_name=cfg.serve.app_name)
     except PlatformError as exc:
         print(f"\n=== serve: cannot swap in place ({exc}); deploying afresh", flush=True)
         return deploy_serve(cfg, home)
@@ -219,13 +261,15 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
         write_serve_config,
     )
 
-    index = resolve_index_dir(home / _fill(cfg.serve.index, cfg.name))
-    args = AppArgs.model_validate({"index": str(index)} | cfg.serve.args)
+    index = resolve_index_dir(cfg.fill(cfg.serve.index))
+    args = AppArgs.model_validate({"index": index} | cfg.serve.args)
     config = serve_config([app_config(args, name=cfg.serve.app_name)],
                           port=cfg.serve.http_port)
-    path = write_serve_config(home / _fill(cfg.serve.config_path, cfg.name), config)
+    path = write_serve_config(home / cfg.fill(cfg.serve.config_path), config)
     print(f"\n=== serve: deploying {path} (serve deploy {path} does the same)", flush=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.http_port})
+    # the proxy on the head only, as the Serve config says (a proxy a node also loses)
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": cfg.serve.http_port})
     apply(config)
     return f"http://127.0.0.1:{cfg.serve.http_port}"
 
@@ -253,10 +297,13 @@ def print_summary(cfg: PipelineConfig, home: Path, out: dict[str, Any]) -> None:
         print(f"\n  {a['query']!r} [{a['mode']}, {a['ms']:.0f} ms]")
         for title, score in a["results"]:
             print(f"    {score:>7.3f}  {title}")
-    report = home / _fill(cfg.report, cfg.name)
-    if report.is_file():
-        print("\n=== evaluation (" + str(report) + ")\n")
-        print("\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))
+    from retrieval_platform import storage
+
+    report = cfg.fill(cfg.report)
+    if storage.exists(report):
+        print("\n=== evaluation (" + report + ")\n")
+        print("\n".join(line for line in storage.read_text(report).splitlines()
+                        if line.startswith("|")))
     print("\n=== step wall times: " + json.dumps({k: round(v) for k, v in out["timings"].items()}))
     print(f"""
 Ray dashboard:   {out['address']}   (jobs, Serve, metrics)

@@ -24,6 +24,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# Set by the pipeline on jobs whose store would be a temporary folder (remote storage and no
+# MLFLOW_TRACKING_URI): a tracking server is what a cluster needs.
+TRACKING_OFF_ENV = "RP_TRACKING_OFF"
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -62,7 +67,7 @@ def tracked_run(cfg: TrackingConfig, experiment: str, run_name: str,
                 tags: Mapping[str, str] | None = None) -> Iterator[Any]:
     """An active MLflow run (the ``mlflow`` module), or None when tracking is off or its
     store cannot be reached (a warning; the work itself already succeeded)."""
-    if not cfg.enabled:
+    if not cfg.enabled or os.environ.get(TRACKING_OFF_ENV) == "1":
         yield None
         return
     try:
@@ -90,12 +95,13 @@ def tracked_run(cfg: TrackingConfig, experiment: str, run_name: str,
 
 def log_training(cfg: TrackingConfig, stage: str, run_name: str, config: Mapping[str, Any],
                  history: list[dict[str, float]], final: Mapping[str, Any],
-                 model_dir: Path) -> None:
+                 model_dir: Path, location: str | None = None) -> None:
     """A finished training run: its config, every logged step's metrics (loss, masked
     fractions, in-batch accuracy, lr, pairs/s), the final metrics, the model card and
-    training record as artifacts, and the model folder's path as a tag."""
+    training record (read from ``model_dir``) as artifacts, and where the model lives
+    (``location``, default ``model_dir``) as a tag."""
     with tracked_run(cfg, f"train-{stage}", run_name,
-                     {"stage": stage, "model_dir": str(model_dir)}) as mlflow:
+                     {"stage": stage, "model_dir": location or str(model_dir)}) as mlflow:
         if mlflow is None:
             return
         mlflow.log_params(flatten(config))
@@ -110,10 +116,11 @@ def log_training(cfg: TrackingConfig, stage: str, run_name: str, config: Mapping
                 mlflow.log_artifact(str(model_dir / name))
 
 
-def log_evaluation(cfg: TrackingConfig, report: Mapping[str, Any], out_dir: Path) -> None:
+def log_evaluation(cfg: TrackingConfig, report: Mapping[str, Any], out_dir: Path,
+                   name: str | None = None) -> None:
     """An evaluation: dataset, split, sizes and models as params; every system's metrics as
     ``SYSTEM/METRIC``; the report files as artifacts."""
-    with tracked_run(cfg, "evaluate", out_dir.name,
+    with tracked_run(cfg, "evaluate", name or out_dir.name,
                      {"split": str(report["split"]), "dataset": str(report["dataset"])}
                      ) as mlflow:
         if mlflow is None:

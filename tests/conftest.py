@@ -56,3 +56,44 @@ def homedepot_dir() -> Path:
     if not (HOMEDEPOT / "products.csv").is_file():
         pytest.skip(f"Home Depot data not found at {HOMEDEPOT} (set HOMEDEPOT_DIR)")
     return HOMEDEPOT
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto) on 127.0.0.1 with one bucket; yields the environment
+    that points pyarrow (and so the platform and Ray Train) at it."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from pyarrow import fs
+
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if server is None:
+        pytest.fail("moto_server is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("rp-test")
+    yield env | {"bucket": "rp-test"}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    proc.terminate()
+    proc.wait(timeout=10)

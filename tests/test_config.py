@@ -107,7 +107,7 @@ def test_every_yaml_in_the_repo_opens_with_its_command_and_loads(path):
         for step in cfg.steps:  # every step names a job and a config that loads
             module = importlib.import_module(step.job)
             load_config(module.CONFIG, REPO / step.config,
-                        [s.replace("{name}", cfg.name) for s in step.set])
+                        [cfg.fill(s) for s in step.set])
     elif "serve " in first:
         from ray.serve.schema import ServeDeploySchema
 

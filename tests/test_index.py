@@ -131,7 +131,7 @@ def test_build_index_publishes_a_verifiable_version(built_index):
     from retrieval_platform.serving.search import LocalSearcher
 
     root, manifest = built_index
-    assert resolve_index_dir(root / "indexes") == root / "indexes" / "v1"
+    assert resolve_index_dir(root / "indexes") == str(root / "indexes" / "v1")
     assert manifest["num_products"] == 300
     assert [s["count"] for s in manifest["shards"]] == [100, 100, 100]
     assert load_manifest(root / "indexes")["model"]["model_id"].startswith("tiny-")

@@ -9,7 +9,23 @@ import pytest
 
 from tests.conftest import REPO
 
-JOB_ENV = {"HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RP_HOME": str(REPO)}
+
+def _runtime_env(tmp_path) -> dict:
+    """What the pipeline ships with a job: this repository as its working_dir, no path of
+    this machine's in its environment."""
+    from retrieval_platform.pipeline import PipelineConfig, job_runtime_env
+
+    env = job_runtime_env(PipelineConfig(storage=str(tmp_path)), REPO)
+    env["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    return env
+
+
+def where_it_ran(logs: str) -> dict:
+    """The node, working directory and code a job logged (jobs.where_this_runs)."""
+    import json
+    import re
+
+    return json.loads(re.search(r" runs on (\{.*\})", logs).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +50,8 @@ def _wait(client, job_id: str, timeout_s: float = 240):
 
 
 def test_a_submitted_job_succeeds_and_writes_its_output(jobs, tmp_path):
+    """The job runs its own copy of the code and configs (working_dir) and writes to the
+    storage location it is given."""
     from ray.job_submission import JobStatus
 
     out = tmp_path / "prepared"
@@ -41,13 +59,15 @@ def test_a_submitted_job_succeeds_and_writes_its_output(jobs, tmp_path):
         entrypoint=f"{sys.executable} -m data_jobs.prepare_catalog "
                    f"--config configs/prepare_synthetic.yaml --set source.num_products=300 "
                    f"--set output_dir={out}",
-        runtime_env={"env_vars": JOB_ENV},
+        runtime_env=_runtime_env(tmp_path),
     )
     status = _wait(jobs, job_id)
     logs = jobs.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
     assert (out / "manifest.json").is_file()
     assert '"accepted": 300' in logs
+    ran = where_it_ran(logs)
+    assert ran["cwd"] != str(REPO) and ran["code"].startswith(ran["cwd"]), ran
 
 
 def test_a_failing_job_fails_with_a_clear_message(jobs, tmp_path):
@@ -56,7 +76,7 @@ def test_a_failing_job_fails_with_a_clear_message(jobs, tmp_path):
     job_id = jobs.submit_job(
         entrypoint=f"{sys.executable} -m data_jobs.prepare_catalog --set source.format=homedepot "
                    f"--set source.path={tmp_path}/missing --set output_dir={tmp_path}/out",
-        runtime_env={"env_vars": JOB_ENV},
+        runtime_env=_runtime_env(tmp_path),
     )
     assert _wait(jobs, job_id) == JobStatus.FAILED
     logs = jobs.get_job_logs(job_id)

@@ -171,7 +171,7 @@ def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["gain_map"].startswith("ESCI gains")
     # the model card of a trained folder: training written by training, metrics by evaluation
-    card = (s1.model_dir / "README.md").read_text()
+    card = (Path(s1.model_dir) / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sentence-transformers")
     assert "## Training" in card and "false-negative margin mask" in card
     ndcg = report["results"]["stage1"]["ndcg@10"]
@@ -214,7 +214,7 @@ def test_lora_trains_adapters_only_and_exports_a_plain_merged_folder(prepared, t
     cfg = _cfg(prepared, tmp_path, "lora", optim__max_steps=3, optim__lr=1e-2,
                model__lora={"rank": 4, "alpha": 8, "dropout": 0.0})
     result = train(cfg)
-    folder = result.model_dir
+    folder = Path(result.model_dir)
     assert not list(folder.glob("adapter_*"))  # merged: no peft files, a plain HF folder
     trained = _weights(folder)
     assert set(trained) == set(init)  # the same keys: no lora_A / lora_B left

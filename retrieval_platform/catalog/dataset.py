@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from retrieval_platform.catalog.schema import PREPARED_SCHEMAS, GradeScale
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import read_json
+from retrieval_platform.storage import canonical, fetch
 
 Qrels = dict[str, dict[str, float]]  # query_id -> product_id -> grade
 
@@ -20,7 +21,8 @@ class PreparedDataset:
     """Products, queries and judgments in the canonical schema, with their grade scale."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).absolute()
+        self.location = canonical(path)  # where it lives (a URI on a cluster)
+        self.path = fetch(path)  # a local copy on this node
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise PlatformError(

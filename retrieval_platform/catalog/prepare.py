@@ -30,7 +30,8 @@ from retrieval_platform.catalog import schema, sources
 from retrieval_platform.catalog.sources import RECORD, RawSource
 from retrieval_platform.catalog.validate import RowValidator
 from retrieval_platform.config import to_dict
-from retrieval_platform.io import checksum_tree, publish_dir, sha256_file, write_json
+from retrieval_platform.io import checksum_tree, sha256_file, write_json
+from retrieval_platform.storage import publish
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def prepare_catalog(cfg: PrepareConfig) -> dict[str, Any]:
     source = read_source(cfg.source)
     validated, read_counts = _validate(source, cfg)
     verdicts = _table_verdicts(validated)
-    with publish_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+    with publish(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
         counts, rejects = _write_tables(tmp, validated, verdicts, read_counts)
         _write_rejects(tmp, rejects, source.malformed, counts)
         manifest = {
@@ -345,11 +346,7 @@ def _write_tables(tmp: Path, validated: dict[str, ray.data.Dataset],
             num_cpus=0.5,
         ).materialize()
         (tmp / kind).mkdir()
-        if accepted.count():
-            accepted.repartition(max(1, accepted.num_blocks() // 8)).write_parquet(
-                str(tmp / kind))
-        else:  # an empty dataset writes no file; readers still need the schema
-            pq.write_table(out_schema.empty_table(), tmp / kind / "empty.parquet")
+        _write_on_driver(accepted, tmp / kind, out_schema)
         rejects.append(rejected)
         reasons = Counter(_reason_class(r) for r in _column(rejected, "reason"))
         counts[kind] = schema.TableCounts(
@@ -379,9 +376,21 @@ def _write_rejects(tmp: Path, rejects: list[ray.data.Dataset], malformed: list[A
     (tmp / "rejects").mkdir()
     all_rejects = rejects[0].union(*rejects[1:], ray.data.from_arrow(table))
     if sum(c.rejected for c in counts.values()):
-        all_rejects.repartition(1).write_parquet(str(tmp / "rejects"))
+        _write_on_driver(all_rejects, tmp / "rejects", schema.REJECT_SCHEMA)
     for kind, c in counts.items():
         c.check(kind)
+
+
+def _write_on_driver(ds: ray.data.Dataset, folder: Path, out_schema: pa.Schema,
+                     rows_per_file: int = 1 << 20) -> None:
+    """Write a dataset's rows as Parquet files in this process's local folder. Ray Data's own
+    writers run in tasks on any node, and a local folder exists only on this one: the folder
+    is then published (renamed, or uploaded to storage) as a whole."""
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    table = (pa.concat_tables([t.cast(out_schema) for t in tables]) if tables
+             else out_schema.empty_table())  # an empty table still carries the schema
+    for part, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        pq.write_table(table.slice(start, rows_per_file), folder / f"part-{part:05d}.parquet")
 
 
 def _column(ds: ray.data.Dataset, name: str) -> list[Any]:

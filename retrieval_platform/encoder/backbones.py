@@ -55,6 +55,17 @@ def _require(module: str, hint: str) -> None:
         raise BackboneNotInstalled(f"this backbone needs the Python package for {module!r}: {hint}")
 
 
+def save_weights(model, out: Path) -> None:
+    """``model.save_pretrained(out)`` on any process. Transformers writes nothing on a
+    torch.distributed rank other than 0, and a Ray Train worker of rank 1 on another node
+    builds its node's cache (or a folder) itself: it would publish a folder without weights."""
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _cached(name: str, build: Callable[[Path], None]) -> Path:
     """Build a backbone folder once, under a lock, published atomically."""
     from filelock import FileLock
@@ -119,7 +130,7 @@ def build_tiny_backbone(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(out)
+    save_weights(LlamaModel(config), out)
     tokenizer.save_pretrained(out)
 
 
@@ -173,7 +184,7 @@ def _build_smollm2(out: Path) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     append_eos(tokenizer)
-    model.save_pretrained(out)
+    save_weights(model, out)
     tokenizer.save_pretrained(out)
 
 

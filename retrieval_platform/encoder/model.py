@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval_platform import storage
 from retrieval_platform.encoder.backbones import (
     BACKBONES,
     DEFAULT_QUERY_INSTRUCTION,
     backbone_spec,
+    save_weights,
 )
 from retrieval_platform.encoder.lora import merged
 from retrieval_platform.errors import PlatformError
@@ -263,7 +265,7 @@ class DualEncoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         quiet_transformers()
-        merged(self.backbone).save_pretrained(path, safe_serialization=True)  # LoRA folded in
+        save_weights(merged(self.backbone), path)  # LoRA folded in
         self.tokenizer.save_pretrained(path)
         _write_sentence_transformers_files(path, self.settings, self.dim)
         write_json(path / SETTINGS_FILE, {
@@ -362,6 +364,14 @@ def model_info(folder: str | Path) -> dict[str, Any]:
     return info
 
 
+def model_location(name_or_path: str | Path) -> str:
+    """How every node names this model: a storage URI or a backbone name as it is, a local
+    folder by its absolute path. Pass this, not a resolved folder, to code that runs in Ray
+    tasks, actors or replicas: each resolves it on its own node."""
+    text = str(name_or_path)
+    return text if storage.is_remote(text) or text in BACKBONES else str(Path(text).absolute())
+
+
 def resolve_model_folder(name_or_path: str | Path) -> Path:
     """A model folder of ours for anything :meth:`DualEncoder.from_pretrained` accepts.
 
@@ -373,6 +383,8 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     from retrieval_platform.encoder.backbones import cache_dir
     from retrieval_platform.io import publish_dir
 
+    if storage.is_remote(name_or_path):  # this node's verified copy of a stored folder
+        name_or_path = storage.fetch(name_or_path)
     path = Path(name_or_path)
     if (path / SETTINGS_FILE).is_file():
         return path.absolute()

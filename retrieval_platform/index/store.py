@@ -9,9 +9,12 @@ index for hybrid search, and a manifest that ties them to one model.
         bm25/                    bm25s index over all products (npy + json, no pickle)
     <root>/LATEST                name of the newest version
 
-A version is written (by :mod:`retrieval_platform.indexing`) to a temporary folder and renamed
-into place (atomic publication). Loading a shard checks its files against the manifest (sha256,
-dimension, count) and refuses a corrupted or mismatched one with :class:`IndexLoadError`.
+A version is written (by :mod:`retrieval_platform.indexing`) to a temporary folder and published
+as a whole (:func:`retrieval_platform.storage.publish`): renamed into place, or uploaded to a
+storage URI with its checksums written last. Each Serve replica downloads only the files it
+serves into its node's cache (:func:`local_files`). Loading a shard checks its files against
+the manifest (sha256, dimension, count) and refuses a corrupted or mismatched one with
+:class:`IndexLoadError`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from retrieval_platform import storage
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import IndexParams, search_index
@@ -42,27 +46,36 @@ class IndexLoadError(PlatformError):
     """An index folder is missing, corrupted, or does not match its manifest or model."""
 
 
-def resolve_index_dir(path: str | Path) -> Path:
-    """A version folder, or a root whose LATEST names one."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path.absolute()
-    if (path / "LATEST").is_file():
-        return (path / (path / "LATEST").read_text().strip()).absolute()
+def resolve_index_dir(path: str | Path) -> str:
+    """Where a version lives (an absolute path or a storage URI), given its folder or a root
+    whose LATEST names one."""
+    if storage.exists(storage.join(path, "manifest.json")):
+        return storage.canonical(path)
+    latest = storage.join(path, "LATEST")
+    if storage.exists(latest):
+        return storage.canonical(storage.join(path, storage.read_text(latest).strip()))
     raise IndexLoadError(f"{path}: not an index version folder (no manifest.json) nor a root "
                          "with a LATEST file; run data_jobs.build_index")
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    folder = resolve_index_dir(path)
+    """The manifest of a version, with ``path``: where the version lives (the name every node
+    loads it by)."""
+    location = resolve_index_dir(path)
     try:
-        manifest = read_json(folder / "manifest.json")
+        manifest = read_json(storage.fetch(location, ["manifest.json"]) / "manifest.json")
     except ValueError as exc:
-        raise IndexLoadError(f"{folder}/manifest.json is not valid JSON ({exc})") from None
+        raise IndexLoadError(f"{location}/manifest.json is not valid JSON ({exc})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexLoadError(f"{folder}: unsupported index format {manifest.get('format_version')}")
-    manifest["path"] = str(folder)
+        raise IndexLoadError(f"{location}: unsupported index format "
+                             f"{manifest.get('format_version')}")
+    manifest["path"] = location
     return manifest
+
+
+def local_files(manifest: dict[str, Any], names: list[str]) -> Path:
+    """This node's folder holding ``names`` of the version (downloaded where it is remote)."""
+    return storage.fetch(manifest["path"], ["manifest.json", *names])
 
 
 def _check_file(folder: Path, name: str, expected: str) -> Path:
@@ -106,15 +119,15 @@ class LoadedShard:
 def load_shard(path: str | Path, shard_id: int, expected_model_id: str | None = None
                ) -> LoadedShard:
     manifest = load_manifest(path)
-    folder = Path(manifest["path"])
     if expected_model_id and manifest["model"]["model_id"] != expected_model_id:
-        raise IndexLoadError(f"{folder}: built with model {manifest['model']['model_id']}, "
-                             f"not {expected_model_id}")
+        raise IndexLoadError(f"{manifest['path']}: built with model "
+                             f"{manifest['model']['model_id']}, not {expected_model_id}")
     try:
         entry = manifest["shards"][shard_id]
     except IndexError:
-        raise IndexLoadError(f"{folder}: no shard {shard_id} "
+        raise IndexLoadError(f"{manifest['path']}: no shard {shard_id} "
                              f"(the manifest lists {len(manifest['shards'])})") from None
+    folder = local_files(manifest, [entry["faiss"], entry["meta"]])
     faiss_path = _check_file(folder, entry["faiss"], entry["sha256"]["faiss"])
     meta_path = _check_file(folder, entry["meta"], entry["sha256"]["meta"])
     index = faiss.read_index(str(faiss_path))
@@ -134,9 +147,11 @@ def load_shard(path: str | Path, shard_id: int, expected_model_id: str | None = 
 def load_bm25(path: str | Path) -> tuple[BM25Retriever, pa.Table]:
     """The catalog-wide BM25 index and the metadata of every row (for filters and titles)."""
     manifest = load_manifest(path)
-    folder = Path(manifest["path"])
     if not manifest.get("bm25"):
-        raise IndexLoadError(f"{folder}: built without bm25 (set bm25: true to build it)")
+        raise IndexLoadError(f"{manifest['path']}: built without bm25 (set bm25: true to build "
+                             "it)")
+    folder = local_files(manifest, [*(f"bm25/{name}" for name in manifest["bm25"]),
+                                    *(s["meta"] for s in manifest["shards"])])
     for name, digest in manifest["bm25"].items():
         _check_file(folder / "bm25", name, digest)
     metas = [pq.read_table(_check_file(folder, s["meta"], s["sha256"]["meta"]))

@@ -44,7 +44,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     index: str = Field(..., description="index version folder (or a root whose LATEST names "
-                                        "one) served at start")
+                                        "one) served at start: an absolute path, or a storage "
+                                        "URI (s3://...) on a cluster")
     shard_replicas: int = Field(1, ge=1, description="replicas of each shard deployment")
     shard_cpus: float = Field(0.1, gt=0)
     encoder: EncoderArgs = Field(default_factory=EncoderArgs)
@@ -115,10 +116,7 @@ def build_app(args: AppArgs) -> Application:
     """Encoder (autoscaling, batching) + one deployment per shard + BM25 behind one ingress."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
-    index = Path(args.index)
-    if not index.is_absolute() and os.environ.get("RP_HOME"):
-        index = Path(os.environ["RP_HOME"]) / index
-    manifest = load_manifest(index)
+    manifest = load_manifest(args.index)
     if args.lexical and not manifest.get("bm25"):
         raise PlatformError(f"{args.index}: built without bm25; set lexical: false or rebuild")
     api_key = _api_key(args)

@@ -22,6 +22,7 @@ import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from retrieval_platform.index.store import load_bm25, load_shard
@@ -44,6 +45,7 @@ from retrieval_platform.serving.search import (
 )
 
 log = logging.getLogger("ray.serve")
+REPLICA_RETRIES = 2  # calls retried on another replica when theirs is lost mid-call
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 
@@ -228,8 +230,19 @@ class Ingress:
         self.model_id = user_config.get("model_id", "")
         self.fusion = fusion_of(user_config)  # the active version's hybrid fusion
 
-    async def _call(self, response: Any) -> Any:
-        return await asyncio.wait_for(response, timeout=self.timeout_s)
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """``method.remote(*args)`` within the request timeout. A replica lost mid-call (its
+        node died, or it was being replaced) is retried on another replica of the deployment:
+        the router stops choosing a replica once a call to it failed this way."""
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                return await asyncio.wait_for(method.remote(*args), timeout=self.timeout_s)
+            except RayActorError as exc:
+                if attempt == REPLICA_RETRIES:
+                    raise
+                log.warning("a replica was lost (%s); retrying on another", type(exc).__name__)
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # Several batches in flight: one batch at a time would serialise the requests (encoder,
     # then shards, then the next batch), which measured slower than no batching at all.
@@ -263,9 +276,9 @@ class Ingress:
         filters = [f for _, _, _, f in items]
         # The vectors come back here and go out to the shards: Ray's ownership model routes a
         # reference passed on through this process anyway, and measured slower (BENCHMARKS.md).
-        xq = await self._call(self.encoder.encode_many.remote(version, texts))  # (n, d)
+        xq = await self._call(self.encoder.encode_many, version, texts)  # (n, d)
         lap = _lap(timings, "encode", lap)
-        calls = [self._call(h.search_many.remote(version, xq, k, filters)) for h in self.shards]
+        calls = [self._call(h.search_many, version, xq, k, filters) for h in self.shards]
         results = await asyncio.gather(*calls, return_exceptions=True)
         lap = _lap(timings, "shards", lap)  # the slowest shard and its hop
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -306,8 +319,8 @@ class Ingress:
                     raise HTTPException(400, "this index was built without BM25: "
                                              "lexical and hybrid modes are unavailable")
                 lap = time.perf_counter()
-                lexical = await self._call(self.lexical.search.remote(
-                    version, request.query, depth, filters))
+                lexical = await self._call(self.lexical.search, version, request.query,
+                                           depth, filters)
                 _lap(timings, "lexical", lap)
         except ShardFailure as exc:
             self.requests.inc(tags={"mode": request.mode, "status": "503"})
@@ -340,7 +353,7 @@ class Ingress:
     @app.get("/healthz", response_model=Health,
              responses={503: {"description": "some shard does not answer"}})
     async def healthz(self) -> Any:
-        calls = [self._call(h.ping.remote(self.active)) for h in self.shards]
+        calls = [self._call(h.ping, self.active) for h in self.shards]
         results = await asyncio.gather(*calls, return_exceptions=True)
         answered = [i for i, r in enumerate(results) if r is True]
         failed = [i for i in range(len(self.shards)) if i not in answered]

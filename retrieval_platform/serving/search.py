@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval_platform.encoder.model import DualEncoder, Kind, Precision, model_info
+from retrieval_platform.encoder.model import (
+    DualEncoder,
+    Kind,
+    Precision,
+    model_info,
+    resolve_model_folder,
+)
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.store import (
@@ -42,7 +48,7 @@ class IndexEncoder:
 def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder:
     """The model an index was built with, checked against the index manifest, on ``device``."""
     manifest = load_manifest(index_dir)
-    folder = manifest["model"]["path"]
+    folder = resolve_model_folder(manifest["model"]["path"])  # on this replica's node
     info = model_info(folder)
     if info["model_id"] != manifest["model"]["model_id"]:
         raise IndexLoadError(f"{index_dir}: built with {manifest['model']['model_id']}, but "

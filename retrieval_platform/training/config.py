@@ -85,6 +85,9 @@ class ScalingConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    # how the workers spread over nodes: PACK fills one node first; SPREAD (or STRICT_SPREAD:
+    # one worker a node, or fail) puts them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.errors import PlatformError
 
@@ -44,10 +45,9 @@ def key64(value: str) -> int:
 def read_negatives(path: str | Path | None) -> dict[str, list[str]]:
     if not path:
         return {}
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path):
         raise PlatformError(f"{path}: no hard negatives here (run data_jobs.mine_negatives)")
-    table = pq.read_table(path, columns=["query_id", "negative_ids"])
+    table = pq.read_table(storage.fetch_file(path), columns=["query_id", "negative_ids"])
     return dict(zip(table["query_id"].to_pylist(), table["negative_ids"].to_pylist(),
                     strict=True))
 
@@ -117,7 +117,7 @@ def contrastive_examples(
             rows["neg_pool_keys"].append([key64(n) for n in pool])
             rows["neg_pool_group_keys"].append([key64(cat.group[n]) for n in pool])
     if not rows:
-        raise PlatformError(f"{ds.path}: no {split} query has a positive (grade >= "
+        raise PlatformError(f"{ds.location}: no {split} query has a positive (grade >= "
                             f"{threshold}); nothing to train stage 1 on")
     table = pa.table(rows)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
@@ -200,7 +200,7 @@ def roar_examples(
         # Eq. 7's λ·L₁ pair: the first top-group product, when it is a positive at all.
         rows["top_index"].append(0 if top_grade >= scale.positive_threshold else -1)
     if not rows:
-        raise PlatformError(f"{ds.path}: no {split} query has two or more grade groups; "
+        raise PlatformError(f"{ds.location}: no {split} query has two or more grade groups; "
                             "nothing for ROAR to order")
     table = pa.table(rows)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))

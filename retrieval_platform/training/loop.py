@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from retrieval_platform import storage
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.lora import add_lora
 from retrieval_platform.encoder.model import (
@@ -48,7 +49,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     world = dist.get_world_size()
-    size = torch.tensor([x.shape[0]], dtype=torch.long)
+    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     longest = int(max(s.item() for s in sizes))
@@ -77,13 +78,13 @@ def _padded(rows: list[list[int]], fill: int = 0) -> tuple[torch.Tensor, torch.T
     return values, valid
 
 
-def _gather_rows(rows: list[list[int]]) -> torch.Tensor:
+def _gather_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """Every worker's per-query key lists, as one padded (B_all, P) tensor (−1 = padding)."""
     values, valid = _padded(rows)
-    values = values.masked_fill(~valid, -1)
+    values = values.masked_fill(~valid, -1).to(device)  # NCCL gathers device tensors only
     _, world = _world()
     if world > 1:  # widths differ between workers: pad to the widest first
-        width = torch.tensor([values.shape[1]])
+        width = torch.tensor([values.shape[1]], device=device)
         widths = [torch.zeros_like(width) for _ in range(world)]
         dist.all_gather(widths, width)
         widest = int(max(w.item() for w in widths))
@@ -125,16 +126,17 @@ def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: 
     and candidates (its own keep their gradient) and returns the whole batch's loss times the
     world size: DDP's average of the workers' gradients is then the global loss's gradient."""
     _, world = _world()
-    B = q_local.shape[0]
+    B, device = q_local.shape[0], q_local.device  # every tensor on the embeddings' device
     q = gather_with_grad(q_local)  # (B_all, D)
     c = gather_with_grad(c_local)  # (N, D)
-    all_keys = gather_with_grad(keys)  # (N,)
-    all_groups = gather_with_grad(groups)  # (N,)
-    n_cands = gather_with_grad(torch.tensor([c_local.shape[0]]))  # (world,)
-    n_queries = gather_with_grad(torch.tensor([B]))  # (world,)
+    all_keys = gather_with_grad(keys.to(device))  # (N,)
+    all_groups = gather_with_grad(groups.to(device))  # (N,)
+    n_cands = gather_with_grad(torch.tensor([c_local.shape[0]], device=device))  # (world,)
+    n_queries = gather_with_grad(torch.tensor([B], device=device))  # (world,)
     starts = torch.cumsum(n_cands, 0) - n_cands  # (world,)
-    positive = torch.cat([starts[r] + torch.arange(int(n_queries[r])) for r in range(world)])
-    pos_keys = _gather_rows(query_pos_keys)  # (B_all, P)
+    positive = torch.cat([starts[r] + torch.arange(int(n_queries[r]), device=device)
+                          for r in range(world)])
+    pos_keys = _gather_rows(query_pos_keys, device)  # (B_all, P)
     outs = [_masked_l1(truncate(q, d), truncate(c, d), positive, all_keys, all_groups, pos_keys,
                        cfg) for d in matryoshka_dims(cfg, q.shape[1])]
     return sum(o.loss for o in outs) * world, outs[0]  # metrics: the full dimension
@@ -146,12 +148,18 @@ def embed_bucketed(model: DualEncoder, forward: Any, texts: list[str], kind: str
     embedded ``bucket`` at a time, each chunk padded only to its own longest text. The vectors
     (and so the loss) equal one padded pass's; the padding, most of a batch of short product
     titles next to a few long ones, is not computed. ``bucket`` 0: one pass."""
+    device = next(model.parameters()).device
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        return forward(**{k: v.to(device) for k, v in model.tokenize(batch, kind).items()})
+
     if not bucket or len(texts) <= bucket:
-        return forward(**model.tokenize(texts, kind))  # (N, D)
+        return embed(texts)  # (N, D)
     chunks = length_chunks(texts, bucket)
-    parts = [forward(**model.tokenize([texts[i] for i in idx], kind)) for idx in chunks]
-    inverse = torch.empty(len(texts), dtype=torch.long)
-    inverse[torch.tensor([i for idx in chunks for i in idx])] = torch.arange(len(texts))
+    parts = [embed([texts[i] for i in idx]) for idx in chunks]
+    inverse = torch.empty(len(texts), dtype=torch.long, device=device)
+    inverse[torch.tensor([i for idx in chunks for i in idx], device=device)] = torch.arange(
+        len(texts), device=device)
     return torch.cat(parts)[inverse]  # (N, D)
 
 
@@ -205,25 +213,26 @@ def roar_step(model: DualEncoder, forward: Any, batch: dict[str, list],
     starts_local = np.concatenate([[0], np.cumsum(np.add(counts, extras))[:-1]])
     top = [int(starts_local[i]) + t if t >= 0 else -1 for i, t in enumerate(batch["top_index"])]
 
+    device = q_local.device  # every tensor on the embeddings' device (NCCL needs it)
     q = gather_with_grad(q_local)  # (Q_all, D)
     c = gather_with_grad(c_local)  # (N, D)
-    n_local = torch.tensor([c_local.shape[0]])
-    q_local_n = torch.tensor([q_local.shape[0]])
+    n_local = torch.tensor([c_local.shape[0]], device=device)
+    q_local_n = torch.tensor([q_local.shape[0]], device=device)
     c_sizes, q_sizes = gather_with_grad(n_local), gather_with_grad(q_local_n)  # (world,) each
     c_start = torch.cumsum(c_sizes, 0) - c_sizes  # (world,) offsets: one gather each, not two
     q_start = torch.cumsum(q_sizes, 0) - q_sizes
     # Global owner query and top positive of every candidate / query.
-    owner_t = torch.tensor(owner, dtype=torch.long)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
     owner_t = torch.where(owner_t >= 0, owner_t + q_start[rank], owner_t)
     all_owner = gather_with_grad(owner_t)  # (N,)
-    top_t = torch.tensor(top, dtype=torch.long)
+    top_t = torch.tensor(top, dtype=torch.long, device=device)
     top_t = torch.where(top_t >= 0, top_t + c_start[rank], top_t)
     all_top = gather_with_grad(top_t)  # (Q_all,)
-    all_grade = gather_with_grad(torch.tensor(grade, dtype=torch.float32))  # (N,)
-    all_keys = gather_with_grad(torch.tensor(keys, dtype=torch.long))  # (N,)
-    all_groups = gather_with_grad(torch.tensor(groups, dtype=torch.long))  # (N,)
+    all_grade = gather_with_grad(torch.tensor(grade, dtype=torch.float32, device=device))  # (N,)
+    all_keys = gather_with_grad(torch.tensor(keys, dtype=torch.long, device=device))  # (N,)
+    all_groups = gather_with_grad(torch.tensor(groups, dtype=torch.long, device=device))  # (N,)
 
-    pos_keys = _gather_rows(list(batch["query_pos_keys"]))  # (Q_all, P)
+    pos_keys = _gather_rows(list(batch["query_pos_keys"]), device)  # (Q_all, P)
     loss, metrics = None, {}
     for d in matryoshka_dims(cfg, q.shape[1]):  # metrics: the full dimension (the first)
         loss_d, metrics_d = _stage2_loss(truncate(q, d), truncate(c, d), all_owner, all_grade,
@@ -242,7 +251,7 @@ def _stage2_loss(q: torch.Tensor, c: torch.Tensor, owner: torch.Tensor, grade: t
     Q = q.shape[0]
     with torch.autocast(q.device.type, enabled=False):
         scores = q.float() @ c.float().T  # (Q, N)
-    graded = owner[None, :] == torch.arange(Q)[:, None]  # (Q, N)
+    graded = owner[None, :] == torch.arange(Q, device=owner.device)[:, None]  # (Q, N)
     grades = grade[None, :].expand(Q, -1)  # (Q, N)
     l_align = roar_loss(scores, grades, graded, tau=cfg.loss.tau_align, gamma=cfg.loss.gamma)
     metrics = {"align_loss": l_align.item()}
@@ -274,7 +283,10 @@ def _columns(batch: pa.Table) -> dict[str, list]:
 
 
 def init_source(init: str) -> str:
-    """A backbone name or model folder as given; a Ray Train checkpoint folder: its model."""
+    """A backbone name or model folder as given (a storage URI: this node's copy of it); a Ray
+    Train checkpoint folder: its model."""
+    if storage.is_remote(init):
+        init = str(storage.fetch(init))
     if (Path(init) / MODEL_DIR / "config.json").is_file():
         return str(Path(init) / MODEL_DIR)
     return init
@@ -335,6 +347,7 @@ def _restore(model: DualEncoder, checkpoint: Any) -> _Progress:
         history_file = Path(folder) / HISTORY_FILE
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
     step = int(state["step"])
+    log.info("resumed from step %d (checkpoint %s)", step, checkpoint.path)
     return _Progress(step, int(state["epoch"]), int(state["batch_in_epoch"]), step, history,
                      state["optimizer"])
 

@@ -18,13 +18,14 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec
 from retrieval_platform.encoder.card import write_model_card
 from retrieval_platform.encoder.model import model_info, resolve_model_folder
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.io import publish_dir, write_json
+from retrieval_platform.io import write_json
 from retrieval_platform.tracking import log_training
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    model_dir: Path
+    model_dir: str  # a local path or a storage URI
     checkpoint_path: str
     metrics: dict[str, Any]
 
@@ -63,7 +64,9 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
-    if Path(cfg.model.init).exists():  # workers do not share this process's directory
+    if storage.is_remote(cfg.model.init):  # each worker fetches it on its own node
+        pass
+    elif Path(cfg.model.init).exists():  # workers do not share this process's directory
         cfg.model.init = str(Path(cfg.model.init).absolute())
     elif cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
         backbone_spec(cfg.model.init).resolve()
@@ -79,19 +82,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     # One id for weights across the platform: the weights file's checksum (model_info).
     init_model_id = model_info(resolve_model_folder(init_source(cfg.model.init)))["model_id"]
     dataset = ray.data.from_arrow(examples)
-    # Ray Train needs an absolute path or a URI (s3://, gs://, ...), passed through as it is
-    storage = (cfg.run.storage_path if "://" in cfg.run.storage_path
-               else Path(cfg.run.storage_path).absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "init_model_id": init_model_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(storage),
+            # checkpoints: an absolute path, or a URI (s3://...) passed through as it is
+            storage_path=storage.canonical(cfg.run.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # Our own step lines say what a report says; keep Ray Train's per-report INFO out.
@@ -104,8 +106,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder, publish_dir(cfg.output_dir,
-                                                                 overwrite=True) as tmp:
+    with result.checkpoint.as_directory() as folder, storage.publish(cfg.output_dir,
+                                                                     overwrite=True) as tmp:
         shutil.copytree(Path(folder) / MODEL_DIR, tmp, dirs_exist_ok=True)
         metrics = dict(result.metrics or {})
         history_file = Path(folder) / HISTORY_FILE
@@ -115,10 +117,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             "examples": examples.num_rows, "config": to_dict(cfg), "history": history,
         })
         write_model_card(tmp)
-    log_training(cfg.tracking, cfg.stage, cfg.run.name, to_dict(cfg), history, metrics,
-                 Path(cfg.output_dir))
+        log_training(cfg.tracking, cfg.stage, cfg.run.name, to_dict(cfg), history, metrics,
+                     tmp, location=storage.canonical(cfg.output_dir))
     log.info("%s done: model at %s (%s)", cfg.stage, cfg.output_dir, json.dumps(metrics))
-    return TrainResult(Path(cfg.output_dir), result.checkpoint.path, metrics)
+    return TrainResult(storage.canonical(cfg.output_dir), result.checkpoint.path, metrics)
 
 
 
