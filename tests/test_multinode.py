@@ -164,7 +164,7 @@ def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
                   "app_name": "retrieval", "config_path": str(cluster["root"] / "serve.yaml"),
                   "keep_serving": "no",
                   "args": {"shard_replicas": 2, "shard_cpus": 0.1, "ingress_cpus": 0.1,
-                           "lexical_cpus": 0.1,
+                           "lexical_cpus": 0.1, "lexical_replicas": 2,
                            "encoder": {"cpus": 0.2, "min_replicas": 2, "max_replicas": 2}}},
         "examples": ["red running shoes"],
     }
@@ -251,31 +251,34 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
                    for n, node in cluster["nodes"].items() if (node.cache / "storage").is_dir()}
     assert any(n != "head" and caches for n, caches in node_caches.items()), node_caches
 
-    # Serving: two replicas of each shard (and of the encoder) on different nodes; kill a
-    # node under load (not the head, whose proxy takes the requests, nor the ingress's).
+    # Serving: two replicas of each shard, of the encoder and of BM25 on different nodes; kill
+    # a node under dense and hybrid load (not the head, whose proxy takes the requests, nor the
+    # ingress's).
     url = f"http://127.0.0.1:{http_port}"
     queries = ["red running shoes", "stainless steel kettle", "cotton bed sheets",
                "cordless drill", "silicone phone case", "wireless mouse"]
-    expected = {q: _ids(httpx.post(f"{url}/search", json={"query": q, "k": 5}, timeout=30))
-                for q in queries}
+    modes = ["dense", "hybrid"]
+    expected = {(q, m): _ids(httpx.post(f"{url}/search", json={"query": q, "k": 5, "mode": m},
+                                        timeout=30))
+                for q in queries for m in modes}
     replicas = _actors_by_node(cluster, "ServeReplica:retrieval")
     record["nodes"]["replicas_before"] = replicas
     shards = {c for cs in replicas.values() for c in cs if "Shard_" in c}
     candidates = [n for n, cs in replicas.items()
                   if n != "head" and not any("Ingress" in c for c in cs)
                   and all(any(c in others for m, others in replicas.items() if m != n)
-                          for c in cs if "Shard_" in c or "QueryEncoder" in c)
+                          for c in cs)
                   and any("Shard_" in c for c in cs)]
     assert shards and candidates, replicas
     target = candidates[0]
     results: list[tuple[int, bool, bool]] = []  # status, partial, same answer
 
     def one(i: int) -> None:
-        q = queries[i % len(queries)]
-        r = httpx.post(f"{url}/search", json={"query": q, "k": 5}, timeout=30)
+        q, m = queries[i % len(queries)], modes[i // len(queries) % 2]
+        r = httpx.post(f"{url}/search", json={"query": q, "k": 5, "mode": m}, timeout=30)
         body = r.json() if r.status_code == 200 else {}
         results.append((r.status_code, bool(body.get("partial")),
-                        r.status_code == 200 and _ids(r) == expected[q]))
+                        r.status_code == 200 and _ids(r) == expected[q, m]))
 
     n_requests = 300
     with ThreadPoolExecutor(4) as pool:
@@ -307,10 +310,10 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
     def keep_asking() -> None:
         i = 0
         while not done.is_set():
-            q = queries[i % len(queries)]
-            r = httpx.post(f"{url}/search", json={"query": q, "k": 5}, timeout=30)
+            q, m = queries[i % len(queries)], modes[i // len(queries) % 2]
+            r = httpx.post(f"{url}/search", json={"query": q, "k": 5, "mode": m}, timeout=30)
             during.append((r.status_code, r.status_code == 200 and r.json()["partial"],
-                           r.status_code == 200 and _ids(r) == expected[q]))
+                           r.status_code == 200 and _ids(r) == expected[q, m]))
             i += 1
             time.sleep(0.05)
 

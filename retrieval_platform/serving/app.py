@@ -52,6 +52,9 @@ class AppArgs(BaseModel):
     lexical: bool = Field(True, description="serve lexical and hybrid modes (the index must "
                                             "have been built with bm25)")
     lexical_cpus: float = Field(0.1, gt=0)
+    lexical_replicas: int = Field(1, ge=1, description="replicas of the BM25 deployment (two on "
+                                  "different nodes keep lexical and hybrid modes up when one "
+                                  "node is lost)")
     ingress_replicas: int = Field(1, ge=1)
     ingress_cpus: float = Field(0.1, gt=0)
     ingress_max_batch_size: int = Field(8, ge=1, description="concurrent dense requests sent "
@@ -140,6 +143,7 @@ def build_app(args: AppArgs) -> Application:
         for i in range(len(manifest["shards"]))
     ]
     lexical = (LexicalIndex.options(name=LEXICAL, user_config=loaded,
+                                    num_replicas=args.lexical_replicas,
                                     ray_actor_options={"num_cpus": args.lexical_cpus}).bind()
                if args.lexical else None)
     return Ingress.options(
