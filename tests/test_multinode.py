@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,8 @@ from tests.conftest import REPO, _free_port
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1800)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# every Python process of a node records what it opens of another machine's (node_audit/)
+AUDIT = Path(__file__).parent / "node_audit"
 
 
 class Node:
@@ -45,11 +48,16 @@ class Node:
         self.cache.mkdir(parents=True)
         self.log = (root / f"{name}.log").open("w")
         # a temp dir of its own (sessions, sockets, logs), short: socket paths have a limit
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"rp-{name}-", dir="/tmp"))
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"rpn-{name}-", dir="/tmp"))
+        self.audit_log = root / name / "audit.log"
+        audit = {"PYTHONPATH": os.pathsep.join(
+                     [str(AUDIT), *filter(None, [env.get("PYTHONPATH")])]),
+                 "RP_AUDIT_NODE": name, "RP_AUDIT_ROOT": str(root),
+                 "RP_AUDIT_SUBMITTER": str(REPO / "runs")}
         self.proc = subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
              f"--resources={json.dumps({name: 1})}", f"--temp-dir={self.temp_dir}", *args],
-            env=env | {"RETRIEVAL_PLATFORM_CACHE": str(self.cache)},
+            env=env | audit | {"RETRIEVAL_PLATFORM_CACHE": str(self.cache)},
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
@@ -125,6 +133,7 @@ def cluster(s3_server, tmp_path_factory):
         wait_for({"head"})
         add("worker_a"), add("worker_b")
         wait_for({"head", "worker_a", "worker_b"})
+        _audit_catches_a_foreign_read(address, nodes)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "nodes": nodes,
                "add": add, "alive": alive, "wait_for": wait_for, "root": root}
     finally:
@@ -132,6 +141,28 @@ def cluster(s3_server, tmp_path_factory):
             node.cleanup()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _audit_catches_a_foreign_read(address: str, nodes: dict[str, Node]) -> None:
+    """The control for the audit: a task on worker_b that reads a file of the head's cache is
+    recorded in worker_b's audit log (then the log is cleared for the real run)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    secret = nodes["head"].cache / "only-on-the-head.txt"
+    secret.write_text("head")
+    read = (f"import ray; ray.init(); f = ray.remote(resources={{'worker_b': 0.01}})"
+            f"(lambda p: open(p).read()); assert ray.get(f.remote({str(secret)!r})) == 'head'")
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(read)}")
+    deadline = time.monotonic() + 120
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                             JobStatus.STOPPED):
+        assert time.monotonic() < deadline, client.get_job_logs(job)
+        time.sleep(1)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
+    log = nodes["worker_b"].audit_log
+    assert log.is_file() and str(secret) in log.read_text(), "the node audit is not active"
+    log.unlink()
 
 
 def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
@@ -341,9 +372,14 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
                                           out)[:1]
     record["wall_seconds"] = round(time.monotonic() - started)
     record["stage1_victim"] = victim
+    # No process of any node opened a file only another machine had (node_audit/).
+    audits = {n: node.audit_log.read_text() for n, node in cluster["nodes"].items()
+              if node.audit_log.is_file()}
+    record["audit"] = {n: len(text.splitlines()) for n, text in audits.items()}
     if os.environ.get("RP_MULTINODE_REPORT"):
         Path(os.environ["RP_MULTINODE_REPORT"]).write_text(json.dumps(record, indent=1))
         (Path(os.environ["RP_MULTINODE_REPORT"]).with_suffix(".log")).write_text(out)
+    assert not audits, audits
     for fault in ("serve", "rerun"):
         counts = record["faults"][fault]
         assert counts["non_200"] == counts["partial"] == counts["wrong"] == 0, record
