@@ -212,6 +212,37 @@ def fetch(location: str | Path, files: Iterable[str] | None = None) -> Path:
     return target
 
 
+def fetch_raw(location: str | Path) -> Path:
+    """A local copy of a folder written by something else (a raw catalog a user put in a
+    bucket): every file, cached by the folder's listing (paths, sizes), so an unchanged folder
+    is not downloaded again. No checksums exist to check: ``fetch`` is for our own folders."""
+    if not is_remote(location):
+        return Path(_local(location)).absolute()
+    location = str(location).rstrip("/")
+    listed = list_files(location)
+    if not listed:
+        raise PlatformError(f"{location}: no files there")
+    key = hashlib.sha256(location.encode()).hexdigest()[:12]
+    version = hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:12]
+    target = _cache_root() / "raw" / f"{key}-{version}"
+    if (target / COMPLETE).is_file():
+        return target
+    from filelock import FileLock
+
+    filesystem, path = _filesystem(location)
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        for rel, size in listed.items():
+            local = target / rel
+            if local.is_file() and local.stat().st_size == size:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with filesystem.open_input_stream(f"{path}/{rel}") as src, local.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        (target / COMPLETE).write_text(json.dumps({"listing": listed}))  # the copy is whole
+    return target
+
+
 def fetch_file(location: str | Path) -> Path:
     """A local copy of one file (downloaded afresh into this node's cache when remote)."""
     if not is_remote(location):

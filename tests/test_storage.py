@@ -71,18 +71,55 @@ def test_small_files_and_single_files(s3_server, tmp_path):
     assert storage.canonical("runs/x").startswith("/") and storage.canonical(root) == root
 
 
-def test_a_model_uploaded_with_the_cli_loads_from_s3_by_its_uri(s3_server, tmp_path, capsys):
+def test_a_model_uploaded_with_the_cli_loads_from_s3_by_its_uri(s3_server, tmp_path):
     """`retrieval-platform storage upload` puts a local model folder in storage; every node
     then names it by its URI and loads its own verified copy."""
-    from retrieval_platform.cli import main
+    import subprocess
+    import sys
+
     from retrieval_platform.encoder.model import model_info, model_location, resolve_model_folder
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "retrieval_platform.cli", "storage", *args],
+                              capture_output=True, text=True, timeout=120)
 
     local = resolve_model_folder("tiny")
     uri = f"s3://{s3_server['bucket']}/{tmp_path.name}/models/tiny"
-    assert main(["storage", "upload", uri, str(local)]) == 0
-    assert main(["storage", "ls", uri]) == 0
-    assert "model.safetensors" in capsys.readouterr().out
+    assert cli("upload", uri, str(local)).returncode == 0
+    listed = cli("ls", uri)
+    assert listed.returncode == 0 and "model.safetensors" in listed.stdout
     fetched = resolve_model_folder(uri)
     assert fetched != local and model_location(uri) == uri
     assert model_info(fetched)["model_id"] == model_info(local)["model_id"]
-    assert main(["storage", "upload", uri, str(local)]) == 2  # exists: --overwrite replaces it
+    again = cli("upload", uri, str(local))  # exists: --overwrite replaces it
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_a_catalog_in_s3_is_prepared_into_s3_and_read_back(ray_local, s3_server, tmp_path):
+    """The raw catalog a user keeps in a bucket, prepared (Ray Data) into another prefix; the
+    prepared dataset is read back from there, with every rejected record kept."""
+    from pyarrow import fs
+
+    from retrieval_platform.catalog.dataset import PreparedDataset
+    from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
+    from retrieval_platform.config import from_dict
+    from tests.catalog_files import write_homedepot
+
+    expected = write_homedepot(tmp_path / "hd")
+    root = f"s3://{s3_server['bucket']}/{tmp_path.name}"
+    s3, prefix = fs.FileSystem.from_uri(f"{root}/raw")
+    for file in (tmp_path / "hd").iterdir():
+        with s3.open_output_stream(f"{prefix}/{file.name}") as out:
+            out.write(file.read_bytes())
+    manifest = prepare_catalog(from_dict(PrepareConfig, {
+        "source": {"format": "homedepot", "path": f"{root}/raw"},
+        "output_dir": f"{root}/prepared"}))
+    assert manifest["counts"]["products"]["accepted"] == expected["products_ok"]
+    assert storage.exists(f"{root}/prepared/{storage.COMPLETE}")
+    ds = PreparedDataset(f"{root}/prepared")
+    assert ds.location == f"{root}/prepared"
+    assert ds.products().num_rows == expected["products_ok"]
+    assert ds.judgments().num_rows == expected["judgments_ok"]
+    rejected = manifest["counts"]["products"]["rejected"] + manifest["counts"]["judgments"][
+        "rejected"]
+    assert "rejects/part-00000.parquet" in storage.list_files(f"{root}/prepared") and rejected

@@ -31,7 +31,7 @@ from retrieval_platform.catalog.sources import RECORD, RawSource
 from retrieval_platform.catalog.validate import RowValidator
 from retrieval_platform.config import to_dict
 from retrieval_platform.io import checksum_tree, sha256_file, write_json
-from retrieval_platform.storage import publish
+from retrieval_platform.storage import fetch_raw, publish
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ UID = "_uid"  # file index << 40 | record: one int64 key per raw record across a
 @dataclass
 class SourceConfig:
     format: Literal["synthetic", "homedepot", "esci", "wands", "canonical"] = "synthetic"
-    path: str | None = None  # folder holding the source files (all formats but synthetic)
+    # folder holding the source files (all formats but synthetic): local, or a storage URI
+    path: str | None = None
     # canonical only: esci | wands | homedepot | synthetic, or a custom scale (a mapping:
     # name, levels [{label, grade, gain}] best first or numeric_range [min, max], thresholds)
     grade_scale: str | dict[str, Any] | None = None
@@ -86,13 +87,15 @@ class PrepareConfig:
 def read_source(cfg: SourceConfig) -> RawSource:
     if cfg.format == "synthetic":
         return sources.read_synthetic(cfg.num_products, cfg.num_queries, cfg.seed)
+    # a folder in object storage (s3://bucket/catalog) is read from this node's copy of it
+    path = str(fetch_raw(cfg.path))
     if cfg.format == "homedepot":
-        return sources.read_homedepot(cfg.path)
+        return sources.read_homedepot(path)
     if cfg.format == "esci":
-        return sources.read_esci(cfg.path, cfg.locale)
+        return sources.read_esci(path, cfg.locale)
     if cfg.format == "wands":
-        return sources.read_wands(cfg.path)
-    return sources.read_canonical(cfg.path, cfg.grade_scale)
+        return sources.read_wands(path)
+    return sources.read_canonical(path, cfg.grade_scale)
 
 
 # ----------------------------------------------------------------------------- Ray Data UDFs
