@@ -135,9 +135,8 @@ def job_runtime_env(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
             "excludes": list(cfg.cluster.excludes), "env_vars": env}
 
 
-def submit(address: str, entrypoint: str, runtime_env: dict[str, Any], *, name: str
-           ) -> tuple[str, str]:
-    """Submit one job, stream its logs, and raise if it does not succeed; (job id, its log)."""
+def submit(address: str, entrypoint: str, runtime_env: dict[str, Any], *, name: str) -> str:
+    """Submit one job, stream its logs, and raise if it does not succeed; its job id."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -163,7 +162,7 @@ def submit(address: str, entrypoint: str, runtime_env: dict[str, Any], *, name: 
         raise PlatformError(f"job {name} ({job_id}) {status.value} after {took:.0f}s; "
                             "its log is above")
     print(f"=== {name}: succeeded in {took:.0f}s", flush=True)
-    return job_id, logs
+    return job_id
 
 
 def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
@@ -184,7 +183,7 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
             args += ["--set", cfg.fill(item)]
         started = time.monotonic()
         name = step.job.split(".")[-1]
-        jobs[name], _ = submit(address, shlex.join(args), runtime_env, name=name)
+        jobs[name] = submit(address, shlex.join(args), runtime_env, name=name)
         timings[step.job] = time.monotonic() - started
 
     started = time.monotonic()
