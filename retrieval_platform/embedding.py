@@ -54,8 +54,13 @@ class ProductEmbedder:
         texts = batch["text"].to_pylist()
         vectors = self.model.encode(texts, "product", batch_size=self.batch_size,
                                     precision=self.precision)  # (n, d)
-        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-        return batch.append_column("embedding", column)
+        return batch.append_column("embedding", vector_column(vectors))
+
+
+def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float32 vectors as an Arrow column of fixed-size lists (the ``embedding``
+    column of every embedded table)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
 
 
 def embed_products(ds: ray.data.Dataset, model: str | Path, cfg: EmbedConfig

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
-from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.embedding import EmbedConfig, collect, embed_products, vector_column
 from retrieval_platform.encoder.model import model_info, model_location, resolve_model_folder
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, shard_bounds
@@ -58,9 +58,8 @@ def build_index_dir(cfg: BuildIndexConfig) -> dict[str, Any]:
                                   cfg.model, cfg.embed)
         cols, xb = collect(embedded, [*META_COLUMNS, "text"])
         (tmp / "embeddings").mkdir()  # written here: this folder exists on this node only
-        pq.write_table(pa.table({"product_id": cols["product_id"], "embedding":
-                                 pa.FixedSizeListArray.from_arrays(pa.array(xb.reshape(-1)),
-                                                                   xb.shape[1])}),
+        pq.write_table(pa.table({"product_id": cols["product_id"],
+                                 "embedding": vector_column(xb)}),
                        tmp / "embeddings" / "part-00000.parquet")
         if xb.shape[1] != info["dim"]:
             raise IndexLoadError(f"model {folder} gives {xb.shape[1]}-d vectors, "

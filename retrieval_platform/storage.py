@@ -28,6 +28,7 @@ from pathlib import Path
 
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import publish_dir, sha256_file
+from retrieval_platform.io import write_text as write_local_text
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ def write_text(location: str | Path, text: str) -> None:
         return
     path = Path(_local(location))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_local_text(path, text)
 
 
 def list_files(location: str | Path) -> dict[str, int]:
@@ -168,6 +167,49 @@ def _cache_root() -> Path:
     return cache_dir() / "storage"
 
 
+def _cache_folder(location: str, content: str, kind: str = "") -> Path:
+    """This node's cache folder for ``location`` as described by ``content`` (its checksums or
+    its listing): a changed folder gets a new one."""
+    key = hashlib.sha256(location.encode()).hexdigest()[:12]
+    version = hashlib.sha256(content.encode()).hexdigest()[:12]
+    return _cache_root() / kind / f"{key}-{version}"
+
+
+def _download(filesystem, path: str, local: Path, where: str, sha256: str | None = None) -> None:
+    """One object to ``local`` through a temporary file (no reader sees half of it), checked
+    against ``sha256`` when there is one."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with filesystem.open_input_stream(path) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if sha256 is not None and sha256_file(tmp) != sha256:
+            raise PlatformError(f"{where}: its sha256 does not match {COMPLETE} (corrupted in "
+                                "storage or in transit)")
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):
+            raise PlatformError(f"{where}: not found") from None
+        raise
+    os.replace(tmp, local)
+
+
+def _sync(location: str, target: Path, sizes: dict[str, int],
+          sha256s: dict[str, str] | None = None) -> None:
+    """Download the files of ``location`` named in ``sizes`` into ``target`` where missing or
+    of another size; replicas on one node share the download (a lock)."""
+    from filelock import FileLock
+
+    filesystem, path = _filesystem(location)
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        for rel, size in sizes.items():
+            local = target / rel
+            if not (local.is_file() and local.stat().st_size == size):
+                _download(filesystem, f"{path}/{rel}", local, f"{location}/{rel}",
+                          sha256s[rel] if sha256s else None)
+
+
 def fetch(location: str | Path, files: Iterable[str] | None = None) -> Path:
     """A local folder holding ``location`` (all its files, or ``files`` of it).
 
@@ -175,8 +217,6 @@ def fetch(location: str | Path, files: Iterable[str] | None = None) -> Path:
     changed, every file checked against the folder's ``_COMPLETE.json``."""
     if not is_remote(location):
         return Path(_local(location)).absolute()
-    from filelock import FileLock
-
     location = str(location).rstrip("/")
     try:
         complete_text = read_text(join(location, COMPLETE))
@@ -190,25 +230,9 @@ def fetch(location: str | Path, files: Iterable[str] | None = None) -> Path:
     missing = [f for f in wanted if f not in listed]
     if missing:
         raise PlatformError(f"{location}: has no {missing[0]} (per its {COMPLETE})")
-    key = hashlib.sha256(location.encode()).hexdigest()[:12]
-    version = hashlib.sha256(complete_text.encode()).hexdigest()[:12]
-    target = _cache_root() / f"{key}-{version}"
-    target.mkdir(parents=True, exist_ok=True)
-    filesystem, path = _filesystem(location)
-    with FileLock(str(target) + ".lock"):  # replicas on one node share the download
-        for rel in wanted:
-            local = target / rel
-            if local.is_file() and local.stat().st_size == listed[rel]["size"]:
-                continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.part")
-            with filesystem.open_input_stream(f"{path}/{rel}") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            if sha256_file(tmp) != listed[rel]["sha256"]:
-                tmp.unlink()
-                raise PlatformError(f"{location}/{rel}: its sha256 does not match {COMPLETE} "
-                                    "(corrupted in storage or in transit)")
-            os.replace(tmp, local)
+    target = _cache_folder(location, complete_text)
+    _sync(location, target, {r: listed[r]["size"] for r in wanted},
+          {r: listed[r]["sha256"] for r in wanted})
     return target
 
 
@@ -222,23 +246,9 @@ def fetch_raw(location: str | Path) -> Path:
     listed = list_files(location)
     if not listed:
         raise PlatformError(f"{location}: no files there")
-    key = hashlib.sha256(location.encode()).hexdigest()[:12]
-    version = hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:12]
-    target = _cache_root() / "raw" / f"{key}-{version}"
-    if (target / COMPLETE).is_file():
-        return target
-    from filelock import FileLock
-
-    filesystem, path = _filesystem(location)
-    target.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        for rel, size in listed.items():
-            local = target / rel
-            if local.is_file() and local.stat().st_size == size:
-                continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with filesystem.open_input_stream(f"{path}/{rel}") as src, local.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+    target = _cache_folder(location, json.dumps(listed, sort_keys=True), "raw")
+    if not (target / COMPLETE).is_file():
+        _sync(location, target, listed)
         (target / COMPLETE).write_text(json.dumps({"listing": listed}))  # the copy is whole
     return target
 
@@ -248,14 +258,6 @@ def fetch_file(location: str | Path) -> Path:
     if not is_remote(location):
         return Path(_local(location)).absolute()
     filesystem, path = _filesystem(str(location))
-    target = _cache_root() / "files" / hashlib.sha256(str(location).encode()).hexdigest()[:12]
-    target.mkdir(parents=True, exist_ok=True)
-    local = target / Path(path).name
-    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with filesystem.open_input_stream(path) as src, tmp.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except FileNotFoundError:
-        raise PlatformError(f"{location}: not found") from None
-    os.replace(tmp, local)
+    local = _cache_folder(str(location), "", "files") / Path(path).name
+    _download(filesystem, path, local, str(location))
     return local

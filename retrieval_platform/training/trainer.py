@@ -23,7 +23,7 @@ from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
 from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec
 from retrieval_platform.encoder.card import write_model_card
-from retrieval_platform.encoder.model import model_info, resolve_model_folder
+from retrieval_platform.encoder.model import model_info, model_location, resolve_model_folder
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import write_json
 from retrieval_platform.tracking import log_training
@@ -64,11 +64,9 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
-    if storage.is_remote(cfg.model.init):  # each worker fetches it on its own node
-        pass
-    elif Path(cfg.model.init).exists():  # workers do not share this process's directory
-        cfg.model.init = str(Path(cfg.model.init).absolute())
-    elif cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
+    # a name every worker resolves on its own node: a URI or backbone name, an absolute path
+    cfg.model.init = model_location(cfg.model.init)
+    if cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
         backbone_spec(cfg.model.init).resolve()
     examples = build_examples(cfg)
     per_step = cfg.optim.batch_size * cfg.scaling.num_workers
