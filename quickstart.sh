@@ -3,6 +3,8 @@
 # dashboard, prepare the catalog, train both stages, evaluate, build the index, serve it, query.
 #
 #   ./quickstart.sh                      the embedded default (a generated catalog), ~15 min
+#   ./quickstart.sh --smoke              the same steps at smoke size (600 products, a few
+#                                        training steps), as CI runs it: ~6 min
 #   ./quickstart.sh --homedepot [PATH]   Home Depot data (default ../shared/data/homedepot)
 #   ./quickstart.sh --config FILE [...]  any pipeline config (and retrieval-platform options)
 #   ./quickstart.sh stop                 stop Serve, the jobs and the local Ray cluster
@@ -10,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# `ray start` turns on token authentication; clients send ~/.ray/auth_token in token mode.
+# The local cluster uses token authentication: the pipeline generates ~/.ray/auth_token where
+# there is none, before `ray start`; clients send it in token mode.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 RP=.venv/bin/retrieval-platform
 case "${1:-}" in
@@ -21,5 +24,8 @@ case "${1:-}" in
     path=${1:-../shared/data/homedepot}
     [ $# -gt 0 ] && shift
     exec "$RP" pipeline --config configs/pipeline_homedepot.yaml --data-path "$path" "$@" ;;
+  --smoke)
+    shift
+    exec "$RP" pipeline --config configs/pipeline_synthetic.yaml --smoke "$@" ;;
   *) exec "$RP" pipeline --config configs/pipeline_synthetic.yaml "$@" ;;
 esac

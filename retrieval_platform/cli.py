@@ -18,8 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# `ray start` turns on token authentication (Ray >= 2.59) and writes ~/.ray/auth_token; Ray's
-# clients send it only in token mode, which must be set before Ray is imported.
+# Clusters we start use token authentication (Ray >= 2.59; the pipeline generates
+# ~/.ray/auth_token before `ray start`); Ray's clients send the token only in token mode, which
+# must be set before Ray is imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from retrieval_platform.config import ConfigError, load_config
@@ -31,7 +32,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     from retrieval_platform.pipeline import PipelineConfig, print_summary, run_pipeline
 
     home = Path.cwd()
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = load_config(PipelineConfig, args.config,
+                      args.overrides + (["smoke=true"] if args.smoke else []))
     if args.name:
         cfg.name = args.name
     for step in cfg.steps:  # the data options reach the preparation step
@@ -93,6 +95,9 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from retrieval_platform.pipeline import connect
+
+    connect(args.dashboard)  # a one-line answer when no cluster runs, or it refuses us
     ray_bin = str(Path(sys.executable).with_name("ray"))
     serve_bin = str(Path(sys.executable).with_name("serve"))
     subprocess.run([ray_bin, "status"], check=False)
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-format", help="source format for the preparation step "
                                          "(synthetic, homedepot, esci, wands, canonical)")
     p.add_argument("--data-path", help="source folder for the preparation step")
+    p.add_argument("--smoke", action="store_true",
+                   help="every step at smoke size (the steps' `smoke` overrides), under NAME-smoke")
     p.set_defaults(func=_pipeline)
     q = sub.add_parser("search", help="send one query to a running endpoint")
     q.add_argument("query")

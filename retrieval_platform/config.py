@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
 
 Every job takes ``--config FILE`` and any number of ``--set section.key=value``. Values of
-``--set`` are parsed as YAML scalars (``--set train.lr=1e-5``, ``--set data.splits=[train,dev]``).
+``--set`` are parsed as YAML (``--set optim.lr=1e-5``, ``--set loss.matryoshka_dims=[256,128]``).
 Unknown keys and wrong types are errors that name the dotted key, so a typo never silently falls
 back to a default.
 """

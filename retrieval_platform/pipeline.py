@@ -12,12 +12,14 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from retrieval_platform.errors import PlatformError
 
@@ -33,6 +35,7 @@ class StepConfig:
     job: str  # module, e.g. data_jobs.prepare_catalog
     config: str  # its YAML config
     set: list[str] = field(default_factory=list)  # --set overrides; "{name}" is substituted
+    smoke: list[str] = field(default_factory=list)  # more --set overrides in a smoke run
 
 
 @dataclass
@@ -77,6 +80,18 @@ class PipelineConfig:
     serve: ServeStepConfig = field(default_factory=ServeStepConfig)
     examples: list[str] = field(default_factory=list)
     report: str = "{storage}/reports/{name}/report.md"
+    # a smoke-sized run of the same steps (./quickstart.sh --smoke, as CI runs it): each step
+    # also takes its `smoke` overrides, and every output goes under "<name>-smoke", so that a
+    # later full run never resumes a smoke run's training checkpoints
+    smoke: bool = False
+
+    def __post_init__(self) -> None:
+        if self.smoke and not self.name.endswith("-smoke"):
+            self.name += "-smoke"
+
+    def step_overrides(self, step: StepConfig) -> list[str]:
+        """The ``--set`` overrides of ``step``, filled in."""
+        return [self.fill(item) for item in step.set + (step.smoke if self.smoke else [])]
 
     def fill(self, text: str) -> str:
         """``text`` with ``{name}`` and ``{storage}`` (made absolute when it is local)."""
@@ -85,35 +100,76 @@ class PipelineConfig:
         return text.replace("{name}", self.name).replace("{storage}", canonical(self.storage))
 
 
-def cluster_address(cfg: ClusterConfig) -> str:
-    """The job API of a running cluster, starting a local one if allowed and needed."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
+def listening(address: str, timeout: float = 2.0) -> bool:
+    """Whether anything accepts a TCP connection at ``address`` (``http://host:port``): the
+    difference between "no cluster here" and "a cluster that refuses us"."""
+    url = urlsplit(address if "://" in address else f"http://{address}")
     try:
-        JobSubmissionClient(cfg.address)
-        return cfg.address
-    except AuthenticationError as exc:
-        raise PlatformError(f"the cluster at {cfg.address} wants a token: run with "
-                            f"RAY_AUTH_MODE=token and ~/.ray/auth_token present ({exc})") from None
-    except (ConnectionError, RuntimeError, ValueError):
-        if not cfg.start_local:
-            raise PlatformError(f"no Ray cluster answers at {cfg.address}: start one "
-                                "(ray start --head) or set cluster.start_local: true") from None
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={cfg.dashboard_port}",
-           "--disable-usage-stats"]
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_auth_token(ray_bin: str) -> None:
+    """In token mode (the default since Ray 2.59), make sure ``~/.ray/auth_token`` (or
+    ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``) holds a token before ``ray start``, which refuses to
+    start a head without one; ``ray get-auth-token --generate`` keeps a token already there."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return
+    # it prints the token: keep it out of logs
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def start_local_cluster(cfg: ClusterConfig) -> None:
+    """``ray start --head`` on this machine, with its dashboard on 127.0.0.1, as a new user
+    runs it: the auth token is generated first where there is none."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    ensure_auth_token(ray_bin)
+    cmd = [ray_bin, "start", "--head", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={cfg.dashboard_port}", "--disable-usage-stats"]
     if cfg.num_cpus:
         cmd.append(f"--num-cpus={cfg.num_cpus}")
     print(f"starting a local Ray cluster: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    for _ in range(60):
+
+
+def connect(address: str, wait_s: float = 0.0) -> None:
+    """Check that the job API at ``address`` answers this client, retrying for ``wait_s`` while
+    a cluster starts; a clear error when nothing listens there or the cluster refuses us."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    if not listening(address):
+        raise PlatformError(f"no Ray cluster answers at {address}: start one "
+                            "(./quickstart.sh, or ray start --head)")
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            JobSubmissionClient(cfg.address)
-            return cfg.address
+            JobSubmissionClient(address)
+            return
+        except AuthenticationError:  # something listens there, and wants a token we lack
+            raise PlatformError(
+                f"the cluster at {address} wants its auth token, and this client has none "
+                "or another one: put that cluster's token in ~/.ray/auth_token (or "
+                "RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token") from None
         except (ConnectionError, RuntimeError, ValueError):
+            if time.monotonic() >= deadline:
+                raise PlatformError(f"something listens at {address}, but no Ray job API "
+                                    f"answers there (waited {wait_s:.0f}s)") from None
             time.sleep(1)
-    raise PlatformError(f"started Ray, but its dashboard does not answer at {cfg.address}")
+
+
+def cluster_address(cfg: ClusterConfig) -> str:
+    """The job API of a running cluster, starting a local one if allowed and needed."""
+    if not listening(cfg.address):
+        if not cfg.start_local:
+            raise PlatformError(f"no Ray cluster answers at {cfg.address}: start one "
+                                "(ray start --head) or set cluster.start_local: true")
+        start_local_cluster(cfg)
+    connect(cfg.address, wait_s=60.0)
+    return cfg.address
 
 
 def job_runtime_env(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
@@ -179,8 +235,8 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     jobs = {}
     for step in cfg.steps:
         args = [python, "-m", step.job, "--config", step.config]
-        for item in step.set:
-            args += ["--set", cfg.fill(item)]
+        for item in cfg.step_overrides(step):
+            args += ["--set", item]
         started = time.monotonic()
         name = step.job.split(".")[-1]
         jobs[name] = submit(address, shlex.join(args), runtime_env, name=name)

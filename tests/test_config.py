@@ -103,11 +103,11 @@ def test_every_yaml_in_the_repo_opens_with_its_command_and_loads(path):
     elif "retrieval-platform pipeline" in first:
         from retrieval_platform.pipeline import PipelineConfig
 
-        cfg = load_config(PipelineConfig, path)
-        for step in cfg.steps:  # every step names a job and a config that loads
-            module = importlib.import_module(step.job)
-            load_config(module.CONFIG, REPO / step.config,
-                        [cfg.fill(s) for s in step.set])
+        for smoke in (False, True):  # every step, full and smoke-sized, loads
+            cfg = load_config(PipelineConfig, path, [f"smoke={str(smoke).lower()}"])
+            for step in cfg.steps:
+                module = importlib.import_module(step.job)
+                load_config(module.CONFIG, REPO / step.config, cfg.step_overrides(step))
     elif "serve " in first:
         from ray.serve.schema import ServeDeploySchema
 

@@ -3,7 +3,7 @@ index for hybrid search, and a manifest that ties them to one model.
 
     <root>/<version>/
         manifest.json            model id and dim, counts, shard files with sha256, parameters
-        embeddings/*.parquet     product_id + embedding (written by Ray Data)
+        embeddings/*.parquet     product_id + embedding (Ray Data embeds, the driver writes)
         shard_000.faiss          FAISS index of rows [start, stop)
         shard_000.parquet        row, product_id, title, category, price of those rows
         bm25/                    bm25s index over all products (npy + json, no pickle)
