@@ -23,9 +23,9 @@ case "${1:-}" in
     shift
     path=${1:-../shared/data/homedepot}
     [ $# -gt 0 ] && shift
-    exec "$RP" pipeline --config configs/pipeline_homedepot.yaml --data-path "$path" "$@" ;;
+    exec "$RP" pipeline --config configs/homedepot/pipeline.yaml --data-path "$path" "$@" ;;
   --smoke)
     shift
-    exec "$RP" pipeline --config configs/pipeline_synthetic.yaml --smoke "$@" ;;
-  *) exec "$RP" pipeline --config configs/pipeline_synthetic.yaml "$@" ;;
+    exec "$RP" pipeline --config configs/synthetic/pipeline.yaml --smoke "$@" ;;
+  *) exec "$RP" pipeline --config configs/synthetic/pipeline.yaml "$@" ;;
 esac

@@ -1,16 +1,22 @@
-"""What the benchmark scripts share: a local Ray on every core, and a generated catalog with
-its index."""
+"""What the benchmark scripts share: a local Ray on every core, a generated catalog with its
+index, and the tests' fault injection on the import path."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import ray
 
+# The fault benchmarks inject faults with the tests' helpers (tests/chaos.py): the repository
+# root on the path makes them importable from a script in bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
 from retrieval_platform.config import from_dict
-from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
+from retrieval_platform.index.build import BuildIndexConfig, build_version
 
 
 def local_ray() -> int:
@@ -30,6 +36,6 @@ def synthetic_catalog(products: int, prefix: str) -> str:
 
 def synthetic_index(tmp: str, model: str, *, bm25: bool = True, num_shards: int = 2) -> str:
     """An index of the catalog in ``tmp`` built with ``model``; returns the version folder."""
-    return build_index_dir(from_dict(BuildIndexConfig, {
+    return build_version(from_dict(BuildIndexConfig, {
         "prepared_dir": f"{tmp}/data", "model": model, "output_root": f"{tmp}/indexes",
-        "num_shards": num_shards, "bm25": bm25}))["path"]
+        "num_shards": num_shards, "bm25": bm25})).path

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from retrieval_platform.config import apply_overrides, from_dict, load_config, load_yaml, to_dict
-from retrieval_platform.evaluation import EvaluateConfig, evaluate
+from retrieval_platform.evaluation.run import EvaluateConfig, evaluate
 from retrieval_platform.jobs import configure_logging, ray_session
-from retrieval_platform.mining import MineConfig, mine_negatives
 from retrieval_platform.stats import length_stratum, paired_bootstrap
 from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.mining import MineConfig, mine_negatives
 from retrieval_platform.training.trainer import train
 
 log = logging.getLogger("ablation")

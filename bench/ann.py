@@ -29,7 +29,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
+from retrieval_platform.index.faiss_ops import (
+    IndexParams,
+    build_faiss_index,
+    first_dims,
+    search_index,
+)
 
 
 def centres(count: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -109,7 +114,7 @@ def real_vectors(prepared: str, model: str, split: str = "dev") -> tuple[np.ndar
     from _setup import local_ray
 
     from retrieval_platform.catalog.dataset import PreparedDataset
-    from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+    from retrieval_platform.encoder.batch import EmbedConfig, collect, embed_products
     from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
 
     folder = resolve_model_folder(model)
@@ -189,7 +194,7 @@ def main() -> None:
 
     flat = IndexParams(factory="Flat")
     started = time.perf_counter()
-    index = build_index(xb, flat)
+    index = build_faiss_index(xb, flat)
     build_s = time.perf_counter() - started
     truth, flat_qps = timed_search(index, xq, flat)
     flat_qps1 = single_query_qps(index, xq, flat)
@@ -201,7 +206,7 @@ def main() -> None:
     del index
     for d in args.dims:
         params = IndexParams(factory="Flat")
-        index = build_index(first_dims(xb, d), params)
+        index = build_faiss_index(first_dims(xb, d), params)
         rows.append(measure(index, first_dims(xq, d), params, truth, (flat_qps, flat_qps1))
                     | {"index": f"Flat @{d} dims", "params": "-", "build_s": 0.0})
         print(rows[-1], flush=True)
@@ -211,7 +216,7 @@ def main() -> None:
         if args.only and not any(part in name for part in args.only):
             continue
         started = time.perf_counter()
-        index = build_index(xb, params)
+        index = build_faiss_index(xb, params)
         build_s = time.perf_counter() - started
         for value in values:
             p = IndexParams(**{**params.__dict__, knob: value})

@@ -21,7 +21,7 @@ import torch
 from _setup import local_ray, synthetic_catalog
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.batch import EmbedConfig, collect, embed_products
 from retrieval_platform.encoder.model import DualEncoder, resolve_model_folder
 
 

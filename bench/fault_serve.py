@@ -21,10 +21,10 @@ import httpx
 from _setup import local_ray, synthetic_catalog, synthetic_index
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.chaos import kill_serve_replica
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config
 from retrieval_platform.serving.search import LocalSearcher
+from tests.chaos import kill_serve_replica
 
 
 async def run_load(url: str, queries: list[str], expected: dict[str, list[str]],

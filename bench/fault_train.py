@@ -16,10 +16,10 @@ from pathlib import Path
 
 from _setup import local_ray, synthetic_catalog
 
-from retrieval_platform.chaos import train_with_a_worker_killed
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.training.config import TrainConfig
+from tests.chaos import train_with_a_worker_killed
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from _setup import local_ray
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import model_info
-from retrieval_platform.evaluation import EvaluateConfig, evaluate
-from retrieval_platform.training.loop import HISTORY_FILE, MODEL_DIR
+from retrieval_platform.evaluation.run import EvaluateConfig, evaluate
+from retrieval_platform.training.checkpoint import HISTORY_FILE, MODEL_DIR
 
 
 def checkpoints(run: Path) -> dict[int, Path]:

@@ -20,7 +20,7 @@ from _setup import local_ray
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder
-from retrieval_platform.evaluation import EvaluateConfig, evaluate
+from retrieval_platform.evaluation.run import EvaluateConfig, evaluate
 from retrieval_platform.stats import paired_bootstrap
 
 PROMPTEOL = {"query_instruction": 'This search query: "', "query_suffix": '" means in one word: "',

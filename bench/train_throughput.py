@@ -38,7 +38,8 @@ from retrieval_platform.encoder.lora import LoraSettings
 from retrieval_platform.encoder.model import resolve_precision
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, sample_negatives
-from retrieval_platform.training.loop import _columns, _load_init, contrastive_step, lr_at
+from retrieval_platform.training.loop import batch_columns, load_init, lr_at
+from retrieval_platform.training.objectives import contrastive_step
 from retrieval_platform.training.trainer import train
 
 
@@ -47,7 +48,7 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
     """The same step in one process: samples/s over the steps after the warm-up."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = _load_init(cfg.model)
+    model = load_init(cfg.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
     model.train()
     rng = np.random.default_rng(0)
@@ -56,7 +57,7 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
         if step == warmup:
             start = time.perf_counter()
         lo = (step * global_batch) % max(1, examples.num_rows - global_batch)
-        batch = sample_negatives(_columns(examples.slice(lo, global_batch)),
+        batch = sample_negatives(batch_columns(examples.slice(lo, global_batch)),
                                  cfg.data.hard_negatives, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

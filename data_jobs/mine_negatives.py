@@ -1,6 +1,6 @@
 """Mine hard negatives for stage 1 with any model folder (Ray Data embedding + FAISS).
 
-    python -m data_jobs.mine_negatives --config configs/mine_negatives_synthetic.yaml
+    python -m data_jobs.mine_negatives --config configs/synthetic/mine_negatives.yaml
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from retrieval_platform.jobs import job_main
-from retrieval_platform.mining import MineConfig, mine_negatives
+from retrieval_platform.training.mining import MineConfig, mine_negatives
 
 CONFIG = MineConfig
 

@@ -1,7 +1,7 @@
 """Prepare a catalog for training, evaluation and indexing (Ray Data).
 
-    python -m data_jobs.prepare_catalog --config configs/prepare_synthetic.yaml
-    python -m data_jobs.prepare_catalog --config configs/prepare_homedepot.yaml \
+    python -m data_jobs.prepare_catalog --config configs/synthetic/prepare.yaml
+    python -m data_jobs.prepare_catalog --config configs/homedepot/prepare.yaml \
         --set source.path=../shared/data/homedepot
 """
 

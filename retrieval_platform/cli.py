@@ -1,6 +1,6 @@
 """``retrieval-platform``: the end-to-end pipeline, search, version swaps, status and stop.
 
-    retrieval-platform pipeline --config configs/pipeline_synthetic.yaml
+    retrieval-platform pipeline --config configs/synthetic/pipeline.yaml
     retrieval-platform search "cordless drill" [--k 10] [--mode hybrid] [--url URL] [--json]
     retrieval-platform swap --index runs/indexes/synthetic/v20261124-101500
     retrieval-platform status
@@ -95,7 +95,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from retrieval_platform.pipeline import connect
+    from retrieval_platform.cluster import connect
 
     connect(args.dashboard)  # a one-line answer when no cluster runs, or it refuses us
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retrieval-platform", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pipeline", help="prepare, train both stages, evaluate, index, serve")
-    p.add_argument("--config", default="configs/pipeline_synthetic.yaml")
+    p.add_argument("--config", default="configs/synthetic/pipeline.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", help="namespace of every output (runs/*/NAME)")
     p.add_argument("--data-format", help="source format for the preparation step "

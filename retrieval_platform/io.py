@@ -1,4 +1,5 @@
-"""Small filesystem helpers shared by every job: checksums, JSON, atomic publication."""
+"""Small filesystem helpers shared by every job: this node's cache folder, checksums, JSON,
+atomic publication."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from retrieval_platform.errors import PlatformError
+
+
+def cache_dir() -> Path:
+    """This node's cache: converted backbones, fetched models and stored objects
+    (``$RETRIEVAL_PLATFORM_CACHE``, default ``~/.cache/retrieval_platform``)."""
+    default = Path.home() / ".cache" / "retrieval_platform"
+    return Path(os.environ.get("RETRIEVAL_PLATFORM_CACHE") or default)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -33,7 +41,7 @@ def checksum_tree(root: str | Path) -> dict[str, str]:
     }
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file in one step: readers see the old content or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -42,7 +50,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

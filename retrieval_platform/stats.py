@@ -44,7 +44,8 @@ def paired_bootstrap(
     qids = [q for q in (queries if queries is not None else a) if q in a and q in b]
     ratio = {"grade_order_accuracy": "goa_", "grade_order_accuracy_gap": "goa_gap_"}.get(metric)
     if ratio:
-        num = np.array([[a[q][f"{ratio}correct"], b[q][f"{ratio}correct"]] for q in qids])
+        num = np.array([[a[q][f"{ratio}correct"], b[q][f"{ratio}correct"]] for q in qids],
+                       dtype=np.float64).reshape(-1, 2)  # (n, 2), even for no query
         den = np.array([a[q][f"{ratio}pairs"] for q in qids], dtype=np.float64)
         keep = den > 0
         num, den = num[keep], den[keep]
@@ -54,7 +55,8 @@ def paired_bootstrap(
             return (num[idx, 1].sum(axis=-1) - num[idx, 0].sum(axis=-1)) / d
         n = len(den)
     else:
-        pairs = np.array([[a[q][metric], b[q][metric]] for q in qids], dtype=np.float64)
+        pairs = np.array([[a[q][metric], b[q][metric]] for q in qids],
+                         dtype=np.float64).reshape(-1, 2)  # (n, 2), even for no query
         pairs = pairs[~np.isnan(pairs).any(axis=1)]
         diff = pairs[:, 1] - pairs[:, 0] if len(pairs) else np.zeros(0)
 

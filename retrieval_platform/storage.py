@@ -27,8 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.io import publish_dir, sha256_file
-from retrieval_platform.io import write_text as write_local_text
+from retrieval_platform.io import cache_dir, publish_dir, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def write_text(location: str | Path, text: str) -> None:
         return
     path = Path(_local(location))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_local_text(path, text)
+    write_text_atomic(path, text)
 
 
 def list_files(location: str | Path) -> dict[str, int]:
@@ -162,8 +161,6 @@ def _upload_file(filesystem, file: Path, path: str) -> None:
 
 
 def _cache_root() -> Path:
-    from retrieval_platform.encoder.backbones import cache_dir
-
     return cache_dir() / "storage"
 
 

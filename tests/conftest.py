@@ -20,16 +20,7 @@ os.environ["RETRIEVAL_PLATFORM_CACHE"] = tempfile.mkdtemp(prefix="rp-test-cache-
 os.environ["MLFLOW_TRACKING_URI"] = (
     f"sqlite:///{tempfile.mkdtemp(prefix='rp-test-mlflow-')}/mlflow.db")
 
-REPO = Path(__file__).resolve().parents[1]
-HOMEDEPOT = Path(os.environ.get("HOMEDEPOT_DIR", REPO.parent / "shared" / "data" / "homedepot"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import HOMEDEPOT, free_port
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +30,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  logging_level="WARNING", log_to_driver=False)
     yield ray
     try:
@@ -73,7 +64,7 @@ def s3_server(tmp_path_factory):
     server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     if server is None:
         pytest.fail("moto_server is not installed (pip install -e '.[test]')")
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
                             stderr=subprocess.STDOUT)

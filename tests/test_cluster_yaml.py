@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_cluster_yaml_validates_with_rays_schema():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from retrieval_platform.config import ConfigError, apply_overrides, from_dict, load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import get_type_hints
 import pytest
 
 from retrieval_platform.config import load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCS = [REPO / "README.md"]
 HEADERS = [*sorted(p for p in (REPO / "configs").rglob("*.yaml")), REPO / "serve_apps/config.yaml"]

@@ -21,6 +21,7 @@ from retrieval_platform.encoder.model import (
     resolve_precision,
 )
 from retrieval_platform.errors import PlatformError
+from retrieval_platform.io import cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_embed_has_gradients_and_matches_encode(tiny):
 def test_length_bucketed_embedding_equals_one_padded_pass(tiny):
     """Training embeds a step's texts sorted by length in chunks: same vectors, same order,
     same gradients as one padded pass, with less padding computed."""
-    from retrieval_platform.training.loop import embed_bucketed
+    from retrieval_platform.training.objectives import embed_bucketed
 
     texts = ["a very long stainless steel electric kettle name with many words", "kettle",
              "red shoes", "a", "blue cordless drill 18v with two batteries", "lamp"]
@@ -175,7 +176,7 @@ def test_smollm2_converts_from_gguf_and_pools_last_token():
     assert model.tokenizer.decode(ids) == 'This product: "kettle" means in one word: "'
     vecs = model.encode(["stainless kettle", "running shoes"], "product")
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
-    folder = backbones.cache_dir() / "backbones" / "smollm2-135m-v1"
+    folder = cache_dir() / "backbones" / "smollm2-135m-v1"
     assert (folder / "model.safetensors").is_file() and not (folder / SETTINGS_FILE).exists()
 
 

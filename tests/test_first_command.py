@@ -5,7 +5,6 @@ check its parts: telling "nothing listens" from "a cluster refuses us", and the 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from retrieval_platform.cluster import ClusterConfig, cluster_address, connect, ensure_auth_token
+from retrieval_platform.cluster import listening as is_listening
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.pipeline import ClusterConfig, cluster_address, connect, ensure_auth_token
-from retrieval_platform.pipeline import listening as is_listening
+from tests.helpers import free_port
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _new_user_env(home: Path) -> dict[str, str]:
@@ -34,7 +28,7 @@ def _new_user_env(home: Path) -> dict[str, str]:
 
 
 def test_nothing_listening_is_told_apart_from_a_refusal():
-    port = _free_port()
+    port = free_port()
     assert not is_listening(f"http://127.0.0.1:{port}")
     with pytest.raises(PlatformError, match="no Ray cluster answers"):
         cluster_address(ClusterConfig(address=f"http://127.0.0.1:{port}", start_local=False))
@@ -44,7 +38,7 @@ def test_nothing_listening_is_told_apart_from_a_refusal():
 
 def test_a_server_that_is_not_ray_is_named_as_such():
     class NotRay(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (the stdlib's name)
+        def do_GET(self):
             self.send_response(404)
             self.end_headers()
 
@@ -56,7 +50,7 @@ def test_a_server_that_is_not_ray_is_named_as_such():
     try:
         address = f"http://127.0.0.1:{server.server_port}"
         assert is_listening(address)
-        with pytest.raises(PlatformError, match="something listens .* but no Ray job API"):
+        with pytest.raises(PlatformError, match=r"something listens .* but no Ray job API"):
             connect(address, wait_s=0)
     finally:
         server.shutdown()
@@ -87,7 +81,7 @@ def test_cli_from_a_new_home(ray_local, tmp_path):
     started again); `search` with no endpoint names the problem."""
     cli = str(VENV_BIN / "retrieval-platform")
     env = _new_user_env(tmp_path)
-    nothing = f"http://127.0.0.1:{_free_port()}"
+    nothing = f"http://127.0.0.1:{free_port()}"
     out = subprocess.run([cli, "status", "--dashboard", nothing], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no Ray cluster answers" in out.stderr, out.stderr

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from retrieval_platform.config import from_dict
 from retrieval_platform.training.config import TrainConfig
-from retrieval_platform.training.loop import global_contrastive_loss
+from retrieval_platform.training.objectives import global_contrastive_loss
 
 B, H, D_IN, D = 3, 1, 8, 4  # per worker: 3 pairs with 1 negative each
 

@@ -12,7 +12,7 @@ from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.index.faiss_ops import (
     IndexParams,
     brute_force_topk,
-    build_index,
+    build_faiss_index,
     merge_topk,
     search_index,
     search_shards,
@@ -42,11 +42,11 @@ def test_sharded_exact_search_equals_flat_and_brute_force(num_shards):
     k = 10
     D_ref, I_ref = brute_force_topk(xq, xb, k)
     params = IndexParams()
-    shards = [(build_index(xb[a:b], params), a) for a, b in shard_bounds(len(xb), num_shards)]
+    shards = [(build_faiss_index(xb[a:b], params), a) for a, b in shard_bounds(len(xb), num_shards)]
     D, I = search_shards(shards, xq, k, params)
     np.testing.assert_array_equal(I, I_ref)
     np.testing.assert_allclose(D, D_ref, atol=1e-5)
-    _, I_flat = search_index(build_index(xb, params), xq, k, params)
+    _, I_flat = search_index(build_faiss_index(xb, params), xq, k, params)
     np.testing.assert_array_equal(I_flat, I_ref)
 
 
@@ -67,7 +67,7 @@ def test_approximate_indexes_find_most_true_neighbours(kind, extra, min_recall):
     xb, xq = _data(n=4000)
     _, I_ref = brute_force_topk(xq, xb, 10)
     params = IndexParams(kind=kind, **extra)
-    _, I = search_index(build_index(xb, params), xq, 10, params)
+    _, I = search_index(build_faiss_index(xb, params), xq, 10, params)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)])
     assert recall >= min_recall
 
@@ -82,13 +82,13 @@ def test_refined_ivf_pq_factory_reranks_its_candidates_exactly():
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref, strict=True)])
     pq = IndexParams(factory="IVF64,PQ8x8", nprobe=64)
     refined = IndexParams(factory="IVF64,PQ8x8,RFlat", nprobe=64, k_factor=8)
-    _, I_pq = search_index(build_index(xb, pq), xq, 10, pq)
-    D, I = search_index(build_index(xb, refined), xq, 10, refined)
+    _, I_pq = search_index(build_faiss_index(xb, pq), xq, 10, pq)
+    D, I = search_index(build_faiss_index(xb, refined), xq, 10, refined)
     assert recall(I) >= max(recall(I_pq), 0.9)
     exact = np.take_along_axis(xq @ xb.T, I, axis=1)  # the refined scores are the exact ones
     np.testing.assert_allclose(D, exact, atol=1e-5)
     with pytest.raises(ValueError, match="FAISS cannot build"):
-        build_index(xb, IndexParams(factory="IVF64,PQ7"))  # 7 does not divide 32
+        build_faiss_index(xb, IndexParams(factory="IVF64,PQ7"))  # 7 does not divide 32
 
 
 @pytest.mark.parametrize(("kind", "factory"), [
@@ -97,7 +97,7 @@ def test_refined_ivf_pq_factory_reranks_its_candidates_exactly():
 def test_filters_return_only_allowed_rows(kind, factory):
     xb, xq = _data(n=2000)
     params = IndexParams(kind=kind, pq_m=8, factory=factory)
-    index = build_index(xb, params)
+    index = build_faiss_index(xb, params)
     allowed = np.zeros(len(xb), dtype=bool)
     allowed[[3, 50, 700, 1999]] = True  # selective: exact search on the subset
     _, I = search_index(index, xq, 10, params, allowed)
@@ -114,12 +114,12 @@ def test_filters_return_only_allowed_rows(kind, factory):
 def built_index(ray_local, tmp_path_factory):
     from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
     from retrieval_platform.config import from_dict
-    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
+    from retrieval_platform.index.build import BuildIndexConfig, build_version
 
     root = tmp_path_factory.mktemp("idx")
     prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 300},
                                               "output_dir": str(root / "data")}))
-    manifest = build_index_dir(from_dict(BuildIndexConfig, {
+    manifest = build_version(from_dict(BuildIndexConfig, {
         "prepared_dir": str(root / "data"), "model": "tiny", "output_root": str(root / "indexes"),
         "version": "v1", "num_shards": 3,
         "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64}}))
@@ -132,9 +132,10 @@ def test_build_index_publishes_a_verifiable_version(built_index):
 
     root, manifest = built_index
     assert resolve_index_dir(root / "indexes") == str(root / "indexes" / "v1")
-    assert manifest["num_products"] == 300
-    assert [s["count"] for s in manifest["shards"]] == [100, 100, 100]
-    assert load_manifest(root / "indexes")["model"]["model_id"].startswith("tiny-")
+    assert manifest.num_products == 300
+    assert [s.count for s in manifest.shards] == [100, 100, 100]
+    assert load_manifest(root / "indexes") == manifest  # what was written is what is read
+    assert manifest.model.model_id.startswith("tiny-")
     assert (root / "indexes" / "v1" / "embeddings").is_dir()
     shard = load_shard(root / "indexes" / "v1", 2)
     assert shard.offset == 200 and shard.index.ntotal == 100
@@ -157,14 +158,14 @@ def test_hybrid_requests_use_the_index_versions_fusion(built_index):
     from retrieval_platform.serving.search import LocalSearcher
 
     root, manifest = built_index
-    assert manifest["fusion"] == {"method": "rrf", "dense_weight": 0.5, "rrf_k": 60}
+    assert manifest.fusion == Fusion(method="rrf", dense_weight=0.5, rrf_k=60)
     searcher = LocalSearcher(root / "indexes" / "v1")
-    assert searcher.fusion == Fusion()
-    searcher.fusion = Fusion("convex", dense_weight=0.7)
+    assert searcher.manifest.fusion == Fusion()
+    searcher.manifest.fusion = Fusion("convex", dense_weight=0.7)
     dense = searcher.search("red kettle", k=100)
     lexical = searcher.search("red kettle", k=100, mode="lexical")
     want = fuse([(h["product_id"], h["score"]) for h in dense],
-                [(h["product_id"], h["score"]) for h in lexical], 10, searcher.fusion)
+                [(h["product_id"], h["score"]) for h in lexical], 10, searcher.manifest.fusion)
     got = searcher.search("red kettle", k=10, mode="hybrid")
     assert [h["product_id"] for h in got] == [p for p, _ in want]
     assert [h["score"] for h in got] == pytest.approx([s for _, s in want])
@@ -175,19 +176,19 @@ def test_a_matryoshka_index_serves_the_first_dims(built_index):
     encoded the same way, and the answer equals brute force over those prefixes."""
     from retrieval_platform.config import from_dict
     from retrieval_platform.encoder.model import DualEncoder
-    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
+    from retrieval_platform.index.build import BuildIndexConfig, build_version
     from retrieval_platform.serving.search import LocalSearcher
 
     root, _ = built_index
-    manifest = build_index_dir(from_dict(BuildIndexConfig, {
+    manifest = build_version(from_dict(BuildIndexConfig, {
         "prepared_dir": str(root / "data"), "model": "tiny", "output_root": str(root / "mrl"),
         "version": "v16", "num_shards": 2, "dim": 16, "bm25": False,
         "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64}}))
-    assert manifest["dim"] == 16 and manifest["model"]["dim"] == 64
+    assert manifest.dim == 16 and manifest.model.dim == 64 and manifest.served_dim == 16
     searcher = LocalSearcher(root / "mrl" / "v16")
     assert searcher.shards[0].index.d == 16
     hits = searcher.search("red running shoes", k=5)
-    model = DualEncoder.from_pretrained(manifest["model"]["path"])
+    model = DualEncoder.from_pretrained(manifest.model.path)
     products = PreparedDataset(root / "data").products(["product_id", "text"])
     xb = model.encode(products["text"].to_pylist(), "product", dim=16)
     xq = model.encode(["red running shoes"], "query", dim=16)
@@ -222,3 +223,40 @@ def test_corrupted_or_lying_index_is_refused(built_index, tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(IndexLoadError, match="not valid JSON"):
         load_shard(bad, 0)
+
+
+def test_the_hybrid_we_report_is_the_hybrid_we_serve(built_index):
+    """Evaluation fuses the same HYBRID_DEPTH candidates of each side, with the same function,
+    as a served hybrid request: given the served dense and lexical lists, evaluation's hybrid
+    ranking is the served answer, for RRF and convex fusion."""
+    from retrieval_platform.evaluation.run import EvaluateConfig, _hybrid, _Ranked
+    from retrieval_platform.retrievers.hybrid import HYBRID_DEPTH, Fusion
+    from retrieval_platform.serving.search import LocalSearcher, candidate_depth
+
+    root, _ = built_index
+    searcher = LocalSearcher(root / "indexes" / "v1")
+    queries = ["red running shoes", "stainless steel kettle", "cordless drill 18v"]
+    assert candidate_depth("hybrid", 10) == HYBRID_DEPTH == EvaluateConfig().depth
+    for fusion in (Fusion(), Fusion("convex", dense_weight=0.7)):
+        searcher.manifest.fusion = fusion
+        depth = candidate_depth("hybrid", 10)
+        parts = {mode: {q: [(h["product_id"], h["score"])
+                            for h in searcher.search(q, k=depth, mode=mode)] for q in queries}
+                 for mode in ("dense", "lexical")}
+        reported = _hybrid(*(_Ranked(parts[m], {q: {} for q in queries},
+                                     {q: {} for q in queries}, 0.0) for m in parts),
+                           EvaluateConfig().depth, fusion)
+        for q in queries:
+            served = searcher.search(q, k=10, mode="hybrid")
+            assert [h["product_id"] for h in served] == reported.rankings[q][:10]
+            assert [h["score"] for h in served] == pytest.approx(
+                [s for _, s in reported.hits[q][:10]])
+
+
+def test_an_evaluation_cannot_fuse_fewer_candidates_than_the_service():
+    from retrieval_platform.config import ConfigError, from_dict
+    from retrieval_platform.evaluation.run import EvaluateConfig
+
+    with pytest.raises(ConfigError, match="a hybrid fuses the top 100 of each side"):
+        from_dict(EvaluateConfig, {"models": {"m": "tiny"}, "hybrid": ["m"], "depth": 50})
+    assert from_dict(EvaluateConfig, {"depth": 50}).depth == 50  # no hybrid: any depth

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _runtime_env(tmp_path) -> dict:
@@ -57,7 +57,7 @@ def test_a_submitted_job_succeeds_and_writes_its_output(jobs, tmp_path):
     out = tmp_path / "prepared"
     job_id = jobs.submit_job(
         entrypoint=f"{sys.executable} -m data_jobs.prepare_catalog "
-                   f"--config configs/prepare_synthetic.yaml --set source.num_products=300 "
+                   f"--config configs/synthetic/prepare.yaml --set source.num_products=300 "
                    f"--set output_dir={out}",
         runtime_env=_runtime_env(tmp_path),
     )

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, _free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1800)]
 
@@ -75,7 +75,7 @@ def cluster(s3_server, tmp_path_factory):
     from ray.util.state import list_nodes
 
     root = tmp_path_factory.mktemp("cluster")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
         k: v for k, v in s3_server.items() if k.startswith("AWS_")} | {
         # token authentication, as a real cluster runs it (the token is the test's own)
@@ -87,8 +87,8 @@ def cluster(s3_server, tmp_path_factory):
     def worker_ports() -> list[str]:
         low = next(ports)
         return [f"--min-worker-port={low}", f"--max-worker-port={low + 999}",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}"]
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}"]
 
     nodes = {"head": Node("head", ["--head", f"--port={gcs}", "--num-cpus=2",
                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -173,10 +173,10 @@ def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
         "cluster": {"address": cluster["address"], "gcs_address": cluster["gcs"],
                     "start_local": False},
         "steps": [
-            {"job": "data_jobs.prepare_catalog", "config": "configs/prepare_synthetic.yaml",
+            {"job": "data_jobs.prepare_catalog", "config": "configs/synthetic/prepare.yaml",
              "set": ["output_dir={storage}/data/{name}", "source.num_products=400",
                      "block_rows=200"]},
-            {"job": "train_jobs.contrastive", "config": "configs/train_stage1_synthetic.yaml",
+            {"job": "train_jobs.contrastive", "config": "configs/synthetic/stage1.yaml",
              "set": [*tiny, "data.prepared_dir={storage}/data/{name}", "data.hard_negatives=0",
                      "data.negatives_path=null", "optim.max_steps=80", "optim.batch_size=8",
                      "optim.warmup_steps=2", "optim.precision=fp32",
@@ -185,7 +185,7 @@ def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
                      "run.checkpoint_every=10", "run.log_every=10", "run.max_failures=3",
                      "run.name={name}-stage1", "run.storage_path={storage}/train",
                      "output_dir={storage}/models/{name}-stage1"]},
-            {"job": "data_jobs.build_index", "config": "configs/build_index_synthetic.yaml",
+            {"job": "data_jobs.build_index", "config": "configs/synthetic/build_index.yaml",
              "set": ["prepared_dir={storage}/data/{name}",
                      "model={storage}/models/{name}-stage1",
                      "output_root={storage}/indexes/{name}", "embed.cpus_per_actor=0.25",
@@ -219,7 +219,7 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
 
     started = time.monotonic()
     node_ids = {name: node_id for name, node_id in cluster["alive"]().items()}
-    http_port = _free_port()
+    http_port = free_port()
     config = _pipeline_config(cluster, s3_server["bucket"], http_port)
     config_path = cluster["root"] / "pipeline.yaml"
     config_path.write_text("# retrieval-platform pipeline --config pipeline.yaml\n"

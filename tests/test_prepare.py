@@ -124,7 +124,7 @@ def test_canonical_format_reports_extra_columns_and_wrong_types(ray_local, tmp_p
 def test_a_catalog_of_products_only_is_prepared_indexed_and_searched(ray_local, tmp_path):
     """Bring your own catalog without queries or judgments: index it with a pretrained model
     and search it (the serving code, in process)."""
-    from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
+    from retrieval_platform.index.build import BuildIndexConfig, build_version
     from retrieval_platform.serving.search import LocalSearcher
 
     root = tmp_path / "shop"
@@ -137,10 +137,10 @@ def test_a_catalog_of_products_only_is_prepared_indexed_and_searched(ray_local, 
                                        "grade_scale": "esci"})
     assert ds.products().num_rows == 4 and ds.queries().num_rows == 0 == ds.judgments().num_rows
     _assert_counts_balance(manifest)
-    built = build_index_dir(from_dict(BuildIndexConfig, {
+    built = build_version(from_dict(BuildIndexConfig, {
         "prepared_dir": str(ds.path), "model": "tiny", "output_root": str(tmp_path / "idx"),
         "num_shards": 2, "embed": {"actors": 1, "cpus_per_actor": 0.5}}))
-    searcher = LocalSearcher(built["path"])
+    searcher = LocalSearcher(built.path)
     hits = searcher.search("electric kettle", k=4, mode="hybrid")
     assert sorted(h["product_id"] for h in hits) == ["p0", "p1", "p2", "p3"]
     assert searcher.search("kettle", k=1, mode="lexical")[0]["product_id"] == "p0"
@@ -214,7 +214,8 @@ def test_synthetic_prepare_splits_and_manifest(ray_local, tmp_path):
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(ray_local, tmp_path):
-    from retrieval_platform.embedding import EmbedConfig, embed_products, require_gpus
+    from retrieval_platform.cluster import require_gpus
+    from retrieval_platform.encoder.batch import EmbedConfig, embed_products
     from retrieval_platform.errors import PlatformError
 
     require_gpus(0, "embed.num_gpus")  # CPU only: nothing to check

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from retrieval_platform.encoder.model import DualEncoder, ModelLoadError, resolve_model_folder
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CODE = [p for d in ("retrieval_platform", "data_jobs", "train_jobs", "serve_apps", "bench")
         for p in (REPO / d).rglob("*.py")]
@@ -30,12 +30,13 @@ def test_no_unsafe_deserialisation(pattern, why):
 
 
 def test_services_bind_to_loopback_by_default():
-    for path in [*REPO.glob("serve_apps/*.yaml"), *REPO.glob("configs/*.yaml")]:
+    from retrieval_platform.cluster import ClusterConfig, head_command
+
+    for path in [*REPO.glob("serve_apps/*.yaml"), *REPO.rglob("configs/**/*.yaml")]:
         data = yaml.safe_load(path.read_text())
         if isinstance(data, dict) and "http_options" in data:
             assert data["http_options"]["host"] == "127.0.0.1", path
-    pipeline = (REPO / "retrieval_platform" / "pipeline.py").read_text()
-    assert "--dashboard-host=127.0.0.1" in pipeline
+    assert "--dashboard-host=127.0.0.1" in head_command(ClusterConfig())
     control = (REPO / "retrieval_platform" / "serving" / "control.py").read_text()
     assert 'host: str = "127.0.0.1"' in control
 

@@ -4,7 +4,6 @@ errors are 4xx with a message, the API key, a version swap under load, a shard t
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,24 +12,19 @@ import httpx
 import pytest
 
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.chaos import kill_serve_replica
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.backbones import build_tiny_backbone
 from retrieval_platform.encoder.model import DualEncoder
+from retrieval_platform.index.build import BuildIndexConfig, build_version
 from retrieval_platform.index.store import IndexLoadError
-from retrieval_platform.indexing import BuildIndexConfig, build_index_dir
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
 from retrieval_platform.serving.search import LocalSearcher
+from tests.chaos import kill_serve_replica
+from tests.helpers import free_port
 
 API_KEY = "test-key-0123456789"
 QUERIES = ["red running shoes", "stainless steel kettle", "phone case", "cordless drill 18V"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
         models[seed].save(root / f"model{seed}")
     out = {}
     for version, seed in (("v1", 0), ("v2", 1)):
-        build_index_dir(from_dict(BuildIndexConfig, {
+        build_version(from_dict(BuildIndexConfig, {
             "prepared_dir": str(root / "data"), "model": str(root / f"model{seed}"),
             "output_root": str(root / "indexes"), "version": version, "num_shards": 2,
             "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 100}}))
@@ -59,7 +53,7 @@ def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
 def service(indexes, tmp_path_factory):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     key_file = tmp_path_factory.mktemp("secret") / "api_key"
     key_file.write_text(API_KEY + "\n")

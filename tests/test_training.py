@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,9 @@ import torch
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.chaos import train_with_a_worker_killed
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
-from retrieval_platform.evaluation import EvaluateConfig, evaluate
-from retrieval_platform.mining import MineConfig, mine_negatives
+from retrieval_platform.evaluation.run import EvaluateConfig, evaluate
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import (
     contrastive_examples,
@@ -23,8 +22,10 @@ from retrieval_platform.training.examples import (
     roar_examples,
     sample_negatives,
 )
-from retrieval_platform.training.loop import contrastive_step
+from retrieval_platform.training.mining import MineConfig, mine_negatives
+from retrieval_platform.training.objectives import contrastive_step
 from retrieval_platform.training.trainer import train
+from tests.chaos import train_with_a_worker_killed
 
 SMALL = {"embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 128}}
 
@@ -117,57 +118,84 @@ def test_stage1_mask_excludes_variant_group_duplicates(prepared):
     assert metrics["masked_fraction"] == 0.0 and loss.item() > 0
 
 
-def test_stage1_then_stage2_on_ray_train(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def stage1(prepared, tmp_path_factory):
+    """A 4-step stage-1 run of the tiny model on Ray Train (2 workers, a hard negative each),
+    with the weights it started from."""
+    tmp = tmp_path_factory.mktemp("stage1")
     init = _weights(resolve_model_folder("tiny"))
-    s1 = train(_cfg(prepared, tmp_path, "s1", data__hard_negatives=1))
+    return tmp, init, train(_cfg(prepared, tmp, "s1", data__hard_negatives=1))
+
+
+def test_stage1_trains_and_records_what_it_started_from(stage1):
+    _, init, s1 = stage1
     assert s1.metrics["step"] == 4 and s1.metrics["resumed_from_step"] == 0
-    assert 0.0 <= s1.metrics["masked_fraction"] <= 1.0 and s1.metrics["samples_per_s"] > 0
-    s1_weights = _weights(s1.model_dir)
-    assert _changed(init, s1_weights)  # training moved the weights
+    assert s1.metrics["epoch"] == 0 and s1.metrics["lr"] == pytest.approx(1e-3 * 1 / 3)
+    assert _changed(init, _weights(s1.model_dir))  # training moved the weights
     info = model_info(s1.model_dir)
     assert info["metadata"]["stage"] == "contrastive" and info["metadata"]["step"] == 4
+    assert info["metadata"]["matryoshka_dims"] == [64]  # the full dimension only
     # one id for weights: the starting model's weights checksum, as model folders name it
     assert info["metadata"]["init_model_id"] == model_info(resolve_model_folder("tiny"))[
         "model_id"]
-    # MLflow has the run: its config and every logged step's metrics (log_every = 1)
+
+
+def test_stage1_is_tracked_in_mlflow_step_by_step(stage1):
     from mlflow.tracking import MlflowClient
 
+    _, _, s1 = stage1
     client = MlflowClient()  # the session's store ($MLFLOW_TRACKING_URI, conftest)
     exp = client.get_experiment_by_name("train-contrastive")
     [run] = client.search_runs([exp.experiment_id], f"tags.model_dir = '{s1.model_dir}'")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])  # lr_at: warm-up 1 of 4
     assert run.data.params["optim.max_steps"] == "4" and "in_batch_accuracy" in run.data.metrics
 
-    # A rerun under the same name resumes from its last checkpoint: the step count continues.
-    again = train(_cfg(prepared, tmp_path, "s1", optim__max_steps=6, data__hard_negatives=1))
-    assert again.metrics["resumed_from_step"] == 4 and again.metrics["step"] == 6
-    s1_weights = _weights(s1.model_dir)  # now the weights after step 6
 
-    # Stage 2 starts from stage 1's model: with a vanishing learning rate it stays there.
+def test_a_rerun_under_the_same_name_resumes(stage1, prepared):
+    tmp, _, _ = stage1
+    again = train(_cfg(prepared, tmp, "s1", optim__max_steps=6, data__hard_negatives=1))
+    assert again.metrics["resumed_from_step"] == 4 and again.metrics["step"] == 6
+    assert model_info(again.model_dir)["metadata"]["step"] == 6
+
+
+def test_stage2_starts_from_stage1s_model(stage1, prepared, tmp_path):
+    """With a vanishing learning rate stage 2 stays at stage 1's weights: it loaded them."""
+    _, _, s1 = stage1
+    s1_weights = _weights(s1.model_dir)
     s2 = train(_cfg(prepared, tmp_path, "s2", "roar", model__init=str(s1.model_dir),
                     optim__lr=1e-12, optim__max_steps=2))
     meta = model_info(s2.model_dir)["metadata"]
-    assert meta["stage"] == "roar" and meta["init"] == str(s1.model_dir)
+    assert meta["stage"] == "roar" and meta["init"] == str(s1.model_dir) and meta["step"] == 2
     assert meta["init_model_id"] == model_info(s1.model_dir)["model_id"]
     s2_weights = _weights(s2.model_dir)
     for k in s2_weights:
         torch.testing.assert_close(s2_weights[k], s1_weights[k], atol=1e-6, rtol=0)
-    assert "align_loss" in s2.metrics and "contrastive_loss" in s2.metrics
+    assert {"align_loss", "contrastive_loss", "loss"} <= set(s2.metrics)
 
+
+def test_evaluation_reports_every_system_and_fills_the_model_card(stage1, prepared, tmp_path):
+    _, _, s1 = stage1
     report = evaluate(from_dict(EvaluateConfig, {
         "prepared_dir": str(prepared), "split": "dev",
         "models": {"zero_shot": "tiny", "stage1": str(s1.model_dir)}, "hybrid": ["stage1"],
         "fusions": [{"method": "rrf"}, {"method": "convex", "dense_weight": 0.6}],
         "dims": [32], "query_precisions": ["int8"],
         "output_dir": str(tmp_path / "report"), **SMALL}))
-    for name in ("zero_shot", "stage1", "stage1@32", "stage1[q:int8]", "bm25",
-                 "hybrid(stage1+bm25)",
-                 "hybrid(stage1+bm25,convex0.6)"):
-        m = report["results"][name]
-        assert 0.0 <= m["ndcg@10"] <= 1.0 and 0.0 <= m["grade_order_accuracy"] <= 1.0
+    assert list(report["results"]) == [
+        "zero_shot", "zero_shot@32", "zero_shot[q:int8]", "stage1", "stage1@32",
+        "stage1[q:int8]", "bm25", "hybrid(stage1+bm25)", "hybrid(stage1+bm25,convex0.6)"]
+    dev = PreparedDataset(prepared).qrels("dev")
+    assert report["queries"] == len(dev) and report["products"] == 600 and report["full_corpus"]
+    for name, m in report["results"].items():  # each mean is that of its per-query values
+        ndcgs = [v["ndcg@10"] for v in report["per_query"][name].values()
+                 if not math.isnan(v["ndcg@10"])]
+        assert m["ndcg@10"] == pytest.approx(sum(ndcgs) / len(ndcgs))
     for file in ("report.md", "report.json", "report.png", "training.png"):
         assert (tmp_path / "report" / file).stat().st_size > 0
-    assert "| bm25 |" in (tmp_path / "report" / "report.md").read_text()
+    bm25 = report["results"]["bm25"]["ndcg@10"]
+    assert f"| bm25 | {bm25:.4f} |" in (tmp_path / "report" / "report.md").read_text()
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["gain_map"].startswith("ESCI gains")
     # the model card of a trained folder: training written by training, metrics by evaluation
@@ -235,7 +263,7 @@ def test_a_stage_job_refuses_a_config_of_the_other_stage(tmp_path):
 
 
 def test_sampled_corpus_keeps_every_judged_product(prepared):
-    from retrieval_platform.evaluation import corpus
+    from retrieval_platform.evaluation.run import corpus
 
     ds = PreparedDataset(prepared)
     qrels = ds.qrels("dev")

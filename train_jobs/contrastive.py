@@ -1,6 +1,6 @@
 """Stage 1: contrastive training with the false-negative margin mask (Ray Train).
 
-    python -m train_jobs.contrastive --config configs/train_stage1_synthetic.yaml
+    python -m train_jobs.contrastive --config configs/synthetic/stage1.yaml
 """
 
 from __future__ import annotations

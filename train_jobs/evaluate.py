@@ -1,13 +1,14 @@
 """Evaluate model folders, BM25 and hybrid on a prepared dataset's split (full corpus).
 
-    python -m train_jobs.evaluate --config configs/evaluate_synthetic.yaml
+    python -m train_jobs.evaluate --config configs/synthetic/evaluate.yaml
 """
 
 from __future__ import annotations
 
 import sys
 
-from retrieval_platform.evaluation import EvaluateConfig, evaluate, render_markdown
+from retrieval_platform.evaluation.report import render_markdown
+from retrieval_platform.evaluation.run import EvaluateConfig, evaluate
 from retrieval_platform.jobs import job_main
 
 CONFIG = EvaluateConfig

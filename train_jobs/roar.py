@@ -1,6 +1,6 @@
 """Stage 2: ROAR preference optimisation over graded groups, from stage 1's model (Ray Train).
 
-    python -m train_jobs.roar --config configs/train_stage2_synthetic.yaml
+    python -m train_jobs.roar --config configs/synthetic/stage2.yaml
 """
 
 from __future__ import annotations

@@ -17,25 +17,19 @@ sentence-transformers alike.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.io import publish_dir
+from retrieval_platform.io import cache_dir, publish_dir
 
 DEFAULT_QUERY_INSTRUCTION = "Instruct: Given a shopping query, find the product\nQuery: "
 
 
 class BackboneNotInstalled(PlatformError):
     """A named backbone needs a package that is not installed."""
-
-
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "retrieval_platform"
-    return Path(os.environ.get("RETRIEVAL_PLATFORM_CACHE") or default)
 
 
 @dataclass(frozen=True)

@@ -380,8 +380,7 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     """
     from filelock import FileLock
 
-    from retrieval_platform.encoder.backbones import cache_dir
-    from retrieval_platform.io import publish_dir
+    from retrieval_platform.io import cache_dir, publish_dir
 
     if storage.is_remote(name_or_path):  # this node's verified copy of a stored folder
         name_or_path = storage.fetch(name_or_path)

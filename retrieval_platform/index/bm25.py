@@ -10,7 +10,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from retrieval_platform.index import Hits
+from retrieval_platform.retrievers import ScoredIds
 
 IDS_FILE = "product_ids.json"
 
@@ -36,7 +36,7 @@ class BM25Retriever:
                               return_ids=return_ids, show_progress=False)
 
     def search(self, queries: Sequence[str], k: int,
-               mask: np.ndarray | None = None) -> list[Hits]:
+               mask: np.ndarray | None = None) -> list[ScoredIds]:
         """Top-k per query; products with zero score (no shared term) are not returned.
         ``mask`` (N,) bool keeps only those products (catalog filters)."""
         if not queries:
@@ -44,7 +44,7 @@ class BM25Retriever:
         k = min(k, len(self.product_ids))
         weight = None if mask is None else mask.astype(np.float32)
         tokens = self._tokenize(queries, return_ids=False)
-        out: list[Hits] = [[] for _ in queries]
+        out: list[ScoredIds] = [[] for _ in queries]
         asked = [i for i, t in enumerate(tokens) if t]  # a query of stopwords only matches none
         if not asked:
             return out

@@ -54,7 +54,7 @@ class IndexParams:
             raise ValueError("nprobe, ef_search, k_factor must be >= 1 and hnsw_m >= 2")
 
 
-def build_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Index:
+def build_faiss_index(xb: np.ndarray, params: IndexParams, seed: int = 0) -> faiss.Index:
     """Build one index over ``xb`` (inner product)."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     n, d = xb.shape

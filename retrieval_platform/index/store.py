@@ -9,18 +9,21 @@ index for hybrid search, and a manifest that ties them to one model.
         bm25/                    bm25s index over all products (npy + json, no pickle)
     <root>/LATEST                name of the newest version
 
-A version is written (by :mod:`retrieval_platform.indexing`) to a temporary folder and published
-as a whole (:func:`retrieval_platform.storage.publish`): renamed into place, or uploaded to a
-storage URI with its checksums written last. Each Serve replica downloads only the files it
-serves into its node's cache (:func:`local_files`). Loading a shard checks its files against
-the manifest (sha256, dimension, count) and refuses a corrupted or mismatched one with
-:class:`IndexLoadError`.
+The format lives in this file: the manifest's types (:class:`IndexManifest`, one
+:class:`ShardEntry` a shard, the :class:`ModelRef` it was built with), :func:`write_shard` and
+:func:`load_shard`. A version is written (by :mod:`retrieval_platform.index.build`) to a
+temporary folder and published as a whole (:func:`retrieval_platform.storage.publish`): renamed
+into place, or uploaded to a storage URI with its checksums written last. Each Serve replica
+downloads only the files it serves into its node's cache (:func:`local_files`). Loading a shard
+checks its files against the manifest (sha256, dimension, count) and refuses a corrupted or
+mismatched one with :class:`IndexLoadError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retrieval_platform import storage
+from retrieval_platform.config import ConfigError, from_dict
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import IndexParams, search_index
 from retrieval_platform.io import read_json, sha256_file
+from retrieval_platform.retrievers.hybrid import Fusion
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +63,100 @@ def resolve_index_dir(path: str | Path) -> str:
                          "with a LATEST file; run data_jobs.build_index")
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a version, with ``path``: where the version lives (the name every node
-    loads it by)."""
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a version was built with: where every node resolves it, and its identity."""
+
+    path: str  # a model folder, storage URI or backbone name (encoder.model.model_location)
+    model_id: str
+    dim: int  # the model's dimension (the index's may be a Matryoshka prefix of it)
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard's files: the FAISS index of rows [start, stop) and their product metadata."""
+
+    id: int
+    rows: list[int]  # [start, stop) of the catalog's rows
+    count: int
+    faiss: str
+    meta: str
+    sha256: dict[str, str]  # "faiss" and "meta" -> the file's sha256
+
+    @property
+    def files(self) -> list[str]:
+        return [self.faiss, self.meta]
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    path: str  # the prepared catalog
+    grade_scale: str
+
+
+@dataclass
+class IndexManifest:
+    """``manifest.json`` of a version, typed; :func:`load_manifest` reads it (with ``path``,
+    where the version lives: the name every node loads it by), :meth:`to_json` writes it."""
+
+    format_version: int
+    version: str
+    created_at: str
+    model: ModelRef
+    dataset: DatasetRef
+    metric: str
+    dim: int  # the index's dimension (a Matryoshka prefix of the model's if smaller)
+    params: IndexParams
+    num_products: int
+    shards: list[ShardEntry]
+    bm25: dict[str, str]  # file name under bm25/ -> sha256; empty: built without BM25
+    fusion: Fusion  # how hybrid requests fuse dense and BM25 (chosen on dev)
+    config: dict[str, Any]  # the build config, as given
+    wall_seconds: float
+    path: str = field(default="", compare=False)  # not written: set where it is read
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str = "") -> IndexManifest:
+        """A manifest as written, checked key by key (older versions: the model's dimension,
+        RRF fusion)."""
+        if data.get("format_version") != FORMAT_VERSION:
+            raise IndexLoadError(f"{path or 'manifest'}: unsupported index format "
+                                 f"{data.get('format_version')}")
+        data = dict(data)
+        data.setdefault("dim", (data.get("model") or {}).get("dim"))
+        data["fusion"] = data.get("fusion") or {}
+        data.pop("path", None)
+        try:
+            manifest = from_dict(cls, data, "manifest")
+        except ConfigError as exc:
+            raise IndexLoadError(f"{path}/manifest.json: {exc}") from None
+        manifest.path = path
+        return manifest
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+
+    @property
+    def served_dim(self) -> int | None:
+        """The prefix queries are encoded at: the index's dimension where it is smaller than
+        the model's, else None (the full vector)."""
+        return self.dim if self.dim < self.model.dim else None
+
+
+def load_manifest(path: str | Path) -> IndexManifest:
+    """The manifest of a version (given its folder or a root whose LATEST names one)."""
     location = resolve_index_dir(path)
     try:
-        manifest = read_json(storage.fetch(location, ["manifest.json"]) / "manifest.json")
+        data = read_json(storage.fetch(location, ["manifest.json"]) / "manifest.json")
     except ValueError as exc:
         raise IndexLoadError(f"{location}/manifest.json is not valid JSON ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexLoadError(f"{location}: unsupported index format "
-                             f"{manifest.get('format_version')}")
-    manifest["path"] = location
-    return manifest
+    return IndexManifest.from_json(data, location)
 
 
-def local_files(manifest: dict[str, Any], names: list[str]) -> Path:
+def local_files(manifest: IndexManifest, names: list[str]) -> Path:
     """This node's folder holding ``names`` of the version (downloaded where it is remote)."""
-    return storage.fetch(manifest["path"], ["manifest.json", *names])
+    return storage.fetch(manifest.path, ["manifest.json", *names])
 
 
 def _check_file(folder: Path, name: str, expected: str) -> Path:
@@ -116,46 +197,56 @@ class LoadedShard:
         return self.meta.take(local).to_pylist()
 
 
+def write_shard(folder: Path, shard_id: int, index: faiss.Index, meta: pa.Table,
+                rows: tuple[int, int]) -> ShardEntry:
+    """Write shard ``shard_id`` (its FAISS index and the metadata of rows [start, stop)) into
+    ``folder``; the manifest's entry for it."""
+    faiss_name, meta_name = f"shard_{shard_id:03d}.faiss", f"shard_{shard_id:03d}.parquet"
+    faiss.write_index(index, str(folder / faiss_name))
+    pq.write_table(meta, folder / meta_name)
+    start, stop = rows
+    return ShardEntry(id=shard_id, rows=[start, stop], count=stop - start, faiss=faiss_name,
+                      meta=meta_name, sha256={"faiss": sha256_file(folder / faiss_name),
+                                              "meta": sha256_file(folder / meta_name)})
+
+
 def load_shard(path: str | Path, shard_id: int, expected_model_id: str | None = None
                ) -> LoadedShard:
     manifest = load_manifest(path)
-    if expected_model_id and manifest["model"]["model_id"] != expected_model_id:
-        raise IndexLoadError(f"{manifest['path']}: built with model "
-                             f"{manifest['model']['model_id']}, not {expected_model_id}")
-    try:
-        entry = manifest["shards"][shard_id]
-    except IndexError:
-        raise IndexLoadError(f"{manifest['path']}: no shard {shard_id} "
-                             f"(the manifest lists {len(manifest['shards'])})") from None
-    folder = local_files(manifest, [entry["faiss"], entry["meta"]])
-    faiss_path = _check_file(folder, entry["faiss"], entry["sha256"]["faiss"])
-    meta_path = _check_file(folder, entry["meta"], entry["sha256"]["meta"])
+    if expected_model_id and manifest.model.model_id != expected_model_id:
+        raise IndexLoadError(f"{manifest.path}: built with model {manifest.model.model_id}, "
+                             f"not {expected_model_id}")
+    if not 0 <= shard_id < len(manifest.shards):
+        raise IndexLoadError(f"{manifest.path}: no shard {shard_id} "
+                             f"(the manifest lists {len(manifest.shards)})")
+    entry = manifest.shards[shard_id]
+    folder = local_files(manifest, entry.files)
+    faiss_path = _check_file(folder, entry.faiss, entry.sha256["faiss"])
+    meta_path = _check_file(folder, entry.meta, entry.sha256["meta"])
     index = faiss.read_index(str(faiss_path))
     meta = pq.read_table(meta_path)
-    dim = manifest.get("dim", manifest["model"]["dim"])  # older manifests: the model's
-    if index.d != dim:
-        raise IndexLoadError(f"{faiss_path}: dimension {index.d}, manifest says {dim}")
-    if index.ntotal != entry["count"] or meta.num_rows != entry["count"]:
+    if index.d != manifest.dim:
+        raise IndexLoadError(f"{faiss_path}: dimension {index.d}, manifest says {manifest.dim}")
+    if index.ntotal != entry.count or meta.num_rows != entry.count:
         raise IndexLoadError(f"{faiss_path}: {index.ntotal} vectors and {meta.num_rows} metadata "
-                             f"rows, manifest says {entry['count']}")
+                             f"rows, manifest says {entry.count}")
     if isinstance(index, faiss.IndexIVF):
         index.make_direct_map()
-    return LoadedShard(shard_id, index, meta, IndexParams(**manifest["params"]),
-                       manifest["version"], manifest["model"]["model_id"])
+    return LoadedShard(shard_id, index, meta, manifest.params, manifest.version,
+                       manifest.model.model_id)
 
 
 def load_bm25(path: str | Path) -> tuple[BM25Retriever, pa.Table]:
     """The catalog-wide BM25 index and the metadata of every row (for filters and titles)."""
     manifest = load_manifest(path)
-    if not manifest.get("bm25"):
-        raise IndexLoadError(f"{manifest['path']}: built without bm25 (set bm25: true to build "
-                             "it)")
-    folder = local_files(manifest, [*(f"bm25/{name}" for name in manifest["bm25"]),
-                                    *(s["meta"] for s in manifest["shards"])])
-    for name, digest in manifest["bm25"].items():
+    if not manifest.bm25:
+        raise IndexLoadError(f"{manifest.path}: built without bm25 (set bm25: true to build it)")
+    folder = local_files(manifest, [*(f"bm25/{name}" for name in manifest.bm25),
+                                    *(s.meta for s in manifest.shards)])
+    for name, digest in manifest.bm25.items():
         _check_file(folder / "bm25", name, digest)
-    metas = [pq.read_table(_check_file(folder, s["meta"], s["sha256"]["meta"]))
-             for s in manifest["shards"]]
+    metas = [pq.read_table(_check_file(folder, s.meta, s.sha256["meta"]))
+             for s in manifest.shards]
     return BM25Retriever.load(folder / "bm25"), pa.concat_tables(metas)
 
 

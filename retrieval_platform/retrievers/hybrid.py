@@ -17,9 +17,12 @@ from typing import Literal
 
 import numpy as np
 
-from retrieval_platform.index import Hits
+from retrieval_platform.retrievers import ScoredIds
 
 RRF_K = 60
+# Candidates each side brings to a hybrid answer, served (serving.search.candidate_depth) and
+# evaluated (evaluation.run) alike: the hybrid numbers we report are the ones we serve.
+HYBRID_DEPTH = 100
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Fusion:
 
 
 def rrf_fuse(ranked_lists: Sequence[Sequence[str]], k: int, *, rrf_k: int = RRF_K,
-             weights: Sequence[float] | None = None) -> Hits:
+             weights: Sequence[float] | None = None) -> ScoredIds:
     """Fuse ranked id lists (best first) into the top-k ``(product_id, rrf score)``."""
     weights = weights or [1.0] * len(ranked_lists)
     fused: dict[str, float] = {}
@@ -50,7 +53,7 @@ def rrf_fuse(ranked_lists: Sequence[Sequence[str]], k: int, *, rrf_k: int = RRF_
     return _top(fused, k)
 
 
-def minmax_bounds(hits: Hits) -> tuple[float, float]:
+def minmax_bounds(hits: ScoredIds) -> tuple[float, float]:
     """(lowest, highest) score of a retrieved list; (0, 1) for an empty one."""
     if not hits:
         return 0.0, 1.0
@@ -64,7 +67,7 @@ def normalise(score: float | np.ndarray, bounds: tuple[float, float]) -> float |
     return (score - lo) / (hi - lo) if hi > lo else score * 0 + 1.0
 
 
-def convex_fuse(dense: Hits, lexical: Hits, k: int, *, dense_weight: float) -> Hits:
+def convex_fuse(dense: ScoredIds, lexical: ScoredIds, k: int, *, dense_weight: float) -> ScoredIds:
     """α · min-max(dense) + (1 − α) · min-max(lexical), absent = 0; the top-k."""
     fused: dict[str, float] = {}
     for weight, hits in ((dense_weight, dense), (1.0 - dense_weight, lexical)):
@@ -74,7 +77,7 @@ def convex_fuse(dense: Hits, lexical: Hits, k: int, *, dense_weight: float) -> H
     return _top(fused, k)
 
 
-def fuse(dense: Hits, lexical: Hits, k: int, fusion: Fusion | None = None) -> Hits:
+def fuse(dense: ScoredIds, lexical: ScoredIds, k: int, fusion: Fusion | None = None) -> ScoredIds:
     """The hybrid top-k of a dense and a lexical list (each best first, with scores)."""
     fusion = fusion or Fusion()
     if fusion.method == "convex":
@@ -82,6 +85,6 @@ def fuse(dense: Hits, lexical: Hits, k: int, fusion: Fusion | None = None) -> Hi
     return rrf_fuse([[p for p, _ in dense], [p for p, _ in lexical]], k, rrf_k=fusion.rrf_k)
 
 
-def _top(fused: dict[str, float], k: int) -> Hits:
+def _top(fused: dict[str, float], k: int) -> ScoredIds:
     # Ties broken by id, so that the fused order is deterministic.
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
-from retrieval_platform.embedding import require_gpus
+from retrieval_platform.cluster import require_gpus
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.store import load_manifest
 from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
+from retrieval_platform.serving.search import version_user_configs
 
 
 class EncoderArgs(BaseModel):
@@ -87,16 +88,6 @@ def shard_name(i: int) -> str:
     return f"Shard_{i}"
 
 
-def version_configs(manifest: dict[str, Any], versions: dict[str, str] | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
-    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
-    loaded = {"versions": versions or {manifest["version"]: manifest["path"]}}
-    active = {"active": manifest["version"], "model_id": manifest["model"]["model_id"],
-              "fusion": manifest.get("fusion") or {}}
-    return loaded, active
-
-
 def _api_key(args: AppArgs) -> str | None:
     if args.api_key_env:
         key = os.environ.get(args.api_key_env, "").strip()
@@ -120,10 +111,10 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     manifest = load_manifest(args.index)
-    if args.lexical and not manifest.get("bm25"):
+    if args.lexical and not manifest.bm25:
         raise PlatformError(f"{args.index}: built without bm25; set lexical: false or rebuild")
     api_key = _api_key(args)
-    loaded, active = version_configs(manifest)
+    loaded, active = version_user_configs(manifest)
     e = args.encoder
     require_gpus(e.gpus, "encoder.gpus")
     encoder = QueryEncoder.options(
@@ -140,7 +131,7 @@ def build_app(args: AppArgs) -> Application:
         IndexShard.options(name=shard_name(i), num_replicas=args.shard_replicas, user_config=loaded,
                            max_ongoing_requests=args.max_ongoing_requests,
                            ray_actor_options={"num_cpus": args.shard_cpus}).bind(i)
-        for i in range(len(manifest["shards"]))
+        for i in range(len(manifest.shards))
     ]
     lexical = (LexicalIndex.options(name=LEXICAL, user_config=loaded,
                                     num_replicas=args.lexical_replicas,

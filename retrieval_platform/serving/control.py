@@ -21,16 +21,15 @@ from typing import Any
 import yaml
 
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index.store import load_manifest, load_shard
+from retrieval_platform.index.store import IndexManifest, load_manifest, load_shard
 from retrieval_platform.serving.app import (
     ENCODER,
     INGRESS,
     LEXICAL,
     AppArgs,
     shard_name,
-    version_configs,
 )
-from retrieval_platform.serving.search import load_encoder_for
+from retrieval_platform.serving.search import load_encoder_for, version_user_configs
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,14 @@ def deployed_config() -> dict:
 
 def _backends(app: dict) -> list[str]:
     manifest = load_manifest(app["args"]["index"])
-    names = [ENCODER, *(shard_name(i) for i in range(len(manifest["shards"])))]
+    names = [ENCODER, *(shard_name(i) for i in range(len(manifest.shards)))]
     return [*names, LEXICAL] if app["args"].get("lexical", True) else names
 
 
 def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:
     """``app`` with deployment overrides loading ``versions`` and serving ``active``."""
     manifest = load_manifest(versions[active])
-    loaded, ingress = version_configs(manifest, versions)
+    loaded, ingress = version_user_configs(manifest, versions)
     overrides = {d["name"]: d for d in app.get("deployments") or []}
     for name in _backends(app):
         overrides[name] = overrides.get(name, {"name": name}) | {"user_config": loaded}
@@ -92,7 +91,7 @@ def served_versions(app: dict) -> tuple[dict[str, str], str]:
     if overrides.get(INGRESS) and overrides.get(ENCODER):
         return dict(overrides[ENCODER]["versions"]), overrides[INGRESS]["active"]
     manifest = load_manifest(app["args"]["index"])
-    return {manifest["version"]: manifest["path"]}, manifest["version"]
+    return {manifest.version: manifest.path}, manifest.version
 
 
 def apply(config: dict, *, timeout_s: float = 600.0) -> None:
@@ -132,13 +131,13 @@ def _app_ready(app: dict | None, wanted: dict[str, Any]) -> bool:
     return True
 
 
-def check_version(index_dir: str) -> dict[str, Any]:
+def check_version(index_dir: str) -> IndexManifest:
     """Load everything a version needs, in this process, before any replica is touched: a
     corrupted or mismatched version is refused here and the running one keeps serving."""
     manifest = load_manifest(index_dir)
     load_encoder_for(index_dir)
-    for shard in manifest["shards"]:
-        load_shard(index_dir, shard["id"])
+    for shard in manifest.shards:
+        load_shard(index_dir, shard.id)
     return manifest
 
 
@@ -152,13 +151,13 @@ def swap_version(new_index: str, *, app_name: str = "retrieval") -> dict[str, An
         raise PlatformError(f"no application named {app_name!r} is deployed")
     app = config["applications"][position]
     versions, old = served_versions(app)
-    if len(load_manifest(versions[old])["shards"]) != len(manifest["shards"]):
+    if len(load_manifest(versions[old]).shards) != len(manifest.shards):
         raise PlatformError("a swap keeps the shard count; this version has "
-                            f"{len(manifest['shards'])} shards: deploy it as a new application")
-    new = manifest["version"]
-    both = versions | {new: manifest["path"]}
-    for loaded, active in ((both, old), (both, new), ({new: manifest["path"]}, new)):
+                            f"{len(manifest.shards)} shards: deploy it as a new application")
+    new = manifest.version
+    both = versions | {new: manifest.path}
+    for loaded, active in ((both, old), (both, new), ({new: manifest.path}, new)):
         config["applications"][position] = with_versions(app, loaded, active)
         apply(config)
         log.info("swap %s -> %s: serving %s with %s loaded", old, new, active, sorted(loaded))
-    return {"app": app_name, "from": old, "to": new, "model_id": manifest["model"]["model_id"]}
+    return {"app": app_name, "from": old, "to": new, "model_id": manifest.model.model_id}

@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from retrieval_platform.index.store import load_bm25, load_shard
+from retrieval_platform.retrievers.hybrid import Fusion
 from retrieval_platform.serving import guard
 from retrieval_platform.serving.schemas import (
     Health,
@@ -34,14 +35,15 @@ from retrieval_platform.serving.schemas import (
     ShardStatus,
 )
 from retrieval_platform.serving.search import (
-    HYBRID_DEPTH,
-    fuse_hits,
-    fusion_of,
+    candidate_depth,
+    combine,
     lexical_hits,
     load_encoder_for,
     merge_hits,
     shard_hits_many,
     to_filter,
+    uses_dense,
+    uses_lexical,
 )
 
 log = logging.getLogger("ray.serve")
@@ -212,7 +214,7 @@ class Ingress:
         self.timeout_s = timeout_s
         self.active = ""
         self.model_id = ""
-        self.fusion = fusion_of({})
+        self.fusion = Fusion()
         self.requests = Counter("rp_requests_total", description="search requests",
                                 tag_keys=("mode", "status"))
         self.stage_latency = Histogram(
@@ -228,7 +230,7 @@ class Ingress:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.active = user_config["active"]
         self.model_id = user_config.get("model_id", "")
-        self.fusion = fusion_of(user_config)  # the active version's hybrid fusion
+        self.fusion = Fusion(**(user_config.get("fusion") or {}))  # the active version's
 
     async def _call(self, method: Any, *args: Any) -> Any:
         """``method.remote(*args)`` within the request timeout. A replica lost mid-call (its
@@ -297,56 +299,66 @@ class Ingress:
     async def search(self, request: SearchRequest) -> SearchResponse:
         version, started = self.active, time.perf_counter()
         timings: dict[str, float] = {}
-        dense, lexical, answered, failed = [], [], [], []
         filters = request.filters.model_dump() if request.filters else None
-        depth = request.k if request.mode == "dense" else max(request.k, HYBRID_DEPTH)
+        depth = candidate_depth(request.mode, request.k)
+        dense, lexical, found = [], [], None
         try:
-            if request.mode in ("dense", "hybrid"):
-                # encode: the hop to the encoder, its batching and encoding; shards: the
-                # fan-out (the slowest shard and its hop); both shared by a batch
-                found = await self._dense_batch((version, request.query, depth, filters))
-                if isinstance(found, BaseException):
-                    raise found
-                timings |= found.timings
-                answered, failed = found.answered, found.failed
-                if failed and not request.allow_partial:
-                    raise ShardFailure(failed, answered, [])
+            if uses_dense(request.mode):
+                found = await self._dense_part(version, request, depth, filters)
                 dense = found.hits
-            if request.mode in ("lexical", "hybrid"):
-                if self.lexical is None:
-                    raise HTTPException(400, "this index was built without BM25: "
-                                             "lexical and hybrid modes are unavailable")
-                lap = time.perf_counter()
-                lexical = await self._call(self.lexical.search, version, request.query,
-                                           depth, filters)
-                _lap(timings, "lexical", lap)
-        except ShardFailure as exc:
-            self.requests.inc(tags={"mode": request.mode, "status": "503"})
-            raise HTTPException(503, f"shards {exc.failed} of {len(self.shards)} did not "
-                                     "answer; retry, or set allow_partial",
-                                headers={"Retry-After": "1"}) from None
-        except HTTPException:
-            raise
-        except Exception as exc:  # encoder or lexical replica down, timeout
-            log.warning("search failed: %r", exc)
-            self.requests.inc(tags={"mode": request.mode, "status": "503"})
-            raise HTTPException(503, f"service unavailable ({type(exc).__name__}); retry",
-                                headers={"Retry-After": "1"}) from None
-        if request.mode == "dense":
-            hits = dense[: request.k]
-        elif request.mode == "lexical":
-            hits = lexical[: request.k]
-        else:
-            hits = fuse_hits(dense, lexical, request.k, self.fusion)
+                timings |= found.timings
+            if uses_lexical(request.mode):
+                lexical = await self._lexical_part(version, request, depth, filters, timings)
+        except Exception as exc:
+            raise self._http_error(request.mode, exc) from None
+        hits = combine(request.mode, dense, lexical, request.k, self.fusion)
         timings["total"] = (time.perf_counter() - started) * 1000
         self.requests.inc(tags={"mode": request.mode, "status": "200"})
         for stage, ms in timings.items():
             self.stage_latency.observe(ms, tags={"stage": stage})
+        answered, failed = (found.answered, found.failed) if found else ([], [])
         return SearchResponse(
             results=hits, mode=request.mode, version=version, model_id=self.model_id,
             partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
             timings_ms={k: round(v, 2) for k, v in timings.items()},
         )
+
+    async def _dense_part(self, version: str, request: SearchRequest, depth: int,
+                          filters: dict[str, Any] | None) -> _Dense:
+        """The request's share of a dense batch (encode: the hop to the encoder, its batching
+        and encoding; shards: the fan-out, the slowest shard and its hop; both shared by the
+        batch); failed shards refuse it unless it allows a partial answer."""
+        found = await self._dense_batch((version, request.query, depth, filters))
+        if isinstance(found, BaseException):
+            raise found
+        if found.failed and not request.allow_partial:
+            raise ShardFailure(found.failed, found.answered, [])
+        return found
+
+    async def _lexical_part(self, version: str, request: SearchRequest, depth: int,
+                            filters: dict[str, Any] | None,
+                            timings: dict[str, float]) -> list[dict[str, Any]]:
+        if self.lexical is None:
+            raise HTTPException(400, "this index was built without BM25: "
+                                     "lexical and hybrid modes are unavailable")
+        lap = time.perf_counter()
+        lexical = await self._call(self.lexical.search, version, request.query, depth, filters)
+        _lap(timings, "lexical", lap)
+        return lexical
+
+    def _http_error(self, mode: str, exc: Exception) -> HTTPException:
+        """The one mapping of a failed request to its HTTP answer: ours (4xx) as they are; a
+        shard, the encoder or BM25 unavailable (a replica down, a timeout): 503, retry."""
+        if isinstance(exc, HTTPException):
+            return exc
+        self.requests.inc(tags={"mode": mode, "status": "503"})
+        if isinstance(exc, ShardFailure):
+            return HTTPException(503, f"shards {exc.failed} of {len(self.shards)} did not "
+                                      "answer; retry, or set allow_partial",
+                                 headers={"Retry-After": "1"})
+        log.warning("search failed: %r", exc)
+        return HTTPException(503, f"service unavailable ({type(exc).__name__}); retry",
+                             headers={"Retry-After": "1"})
 
     @app.get("/healthz", response_model=Health,
              responses={503: {"description": "some shard does not answer"}})

@@ -1,11 +1,13 @@
 """Search logic shared by the Serve deployments and the in-process :class:`LocalSearcher`
-(tests and benchmarks compare the two, so they must run the same code)."""
+(tests and benchmarks compare the two, so they must run the same code): per-shard hits with
+metadata, their merge, BM25 hits, and the one mode dispatch (:func:`candidate_depth`,
+:func:`combine`) both use."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,15 +23,16 @@ from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.store import (
     CatalogFilter,
     IndexLoadError,
+    IndexManifest,
     LoadedShard,
     load_bm25,
     load_manifest,
     load_shard,
 )
-from retrieval_platform.retrievers.hybrid import Fusion, fuse
+from retrieval_platform.retrievers.hybrid import HYBRID_DEPTH, Fusion, fuse
 
-Hit = dict[str, Any]  # product_id, title, score, shard, category, price, row
-HYBRID_DEPTH = 100  # candidates taken from each side before fusion
+HitRecord = dict[str, Any]  # product_id, title, score, shard, category, price, row
+Mode = Literal["dense", "lexical", "hybrid"]
 
 
 @dataclass
@@ -48,14 +51,12 @@ class IndexEncoder:
 def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder:
     """The model an index was built with, checked against the index manifest, on ``device``."""
     manifest = load_manifest(index_dir)
-    folder = resolve_model_folder(manifest["model"]["path"])  # on this replica's node
+    folder = resolve_model_folder(manifest.model.path)  # on this replica's node
     info = model_info(folder)
-    if info["model_id"] != manifest["model"]["model_id"]:
-        raise IndexLoadError(f"{index_dir}: built with {manifest['model']['model_id']}, but "
+    if info["model_id"] != manifest.model.model_id:
+        raise IndexLoadError(f"{index_dir}: built with {manifest.model.model_id}, but "
                              f"{folder} now holds {info['model_id']}")
-    dim = manifest.get("dim")  # indexes written before Matryoshka support: the model's
-    return IndexEncoder(DualEncoder.from_pretrained(folder).to(device),
-                        dim if dim and dim < info["dim"] else None)
+    return IndexEncoder(DualEncoder.from_pretrained(folder).to(device), manifest.served_dim)
 
 
 def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
@@ -63,16 +64,16 @@ def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
 
 
 def shard_hits(shard: LoadedShard, xq: np.ndarray, k: int,
-               filters: CatalogFilter | None) -> list[Hit]:
+               filters: CatalogFilter | None) -> list[HitRecord]:
     """Top-k of one shard for one query vector (1, d), with product metadata."""
     return shard_hits_many(shard, xq, k, [filters])[0]
 
 
 def shard_hits_many(shard: LoadedShard, xq: np.ndarray, k: int,
-                    filters: list[CatalogFilter | None]) -> list[list[Hit]]:
+                    filters: list[CatalogFilter | None]) -> list[list[HitRecord]]:
     """Top-k of one shard for each query vector of ``xq`` (n, d) under its own filters; the
     unfiltered ones are searched as one FAISS batch."""
-    out: list[list[Hit] | None] = [None] * len(filters)
+    out: list[list[HitRecord] | None] = [None] * len(filters)
     plain = [i for i, f in enumerate(filters) if f is None or f.empty]
     if plain:
         D, I = shard.search(xq[plain], k, None)  # (len(plain), k)
@@ -85,7 +86,7 @@ def shard_hits_many(shard: LoadedShard, xq: np.ndarray, k: int,
     return out  # type: ignore[return-value]
 
 
-def _with_metadata(shard: LoadedShard, D: np.ndarray, I: np.ndarray) -> list[Hit]:
+def _with_metadata(shard: LoadedShard, D: np.ndarray, I: np.ndarray) -> list[HitRecord]:
     rows = [int(i) for i in I if i >= 0]
     metas = shard.rows(rows)
     return [{"product_id": m["product_id"], "title": m["title"], "score": float(d),
@@ -93,7 +94,7 @@ def _with_metadata(shard: LoadedShard, D: np.ndarray, I: np.ndarray) -> list[Hit
             for d, r, m in zip(D, rows, metas, strict=False)]
 
 
-def merge_hits(per_shard: list[list[Hit]], k: int) -> list[Hit]:
+def merge_hits(per_shard: list[list[HitRecord]], k: int) -> list[HitRecord]:
     """Global top-k of per-shard hits (the same order as one flat index)."""
     if not per_shard:
         return []
@@ -109,7 +110,7 @@ def merge_hits(per_shard: list[list[Hit]], k: int) -> list[Hit]:
 
 
 def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
-                 filters: CatalogFilter | None) -> list[Hit]:
+                 filters: CatalogFilter | None) -> list[HitRecord]:
     mask = None if filters is None or filters.empty else filters.mask(meta)
     hits = bm25.search([query], k, mask=mask)[0]
     rows = {p: i for i, p in enumerate(bm25.product_ids)}
@@ -121,8 +122,8 @@ def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
     return out
 
 
-def fuse_hits(dense: list[Hit], lexical: list[Hit], k: int,
-              fusion: Fusion | None = None) -> list[Hit]:
+def fuse_hits(dense: list[HitRecord], lexical: list[HitRecord], k: int,
+              fusion: Fusion | None = None) -> list[HitRecord]:
     """Hybrid: the index's fusion (``retrievers.hybrid.fuse``, RRF by default) of the dense and
     lexical lists; score = the fused score."""
     first = {h["product_id"]: h for h in lexical} | {h["product_id"]: h for h in dense}
@@ -131,9 +132,39 @@ def fuse_hits(dense: list[Hit], lexical: list[Hit], k: int,
     return [first[p] | {"score": score} for p, score in fused]
 
 
-def fusion_of(manifest: dict[str, Any]) -> Fusion:
-    """The hybrid fusion an index version was built for (indexes without one: RRF)."""
-    return Fusion(**(manifest.get("fusion") or {}))
+def uses_dense(mode: Mode) -> bool:
+    return mode in ("dense", "hybrid")
+
+
+def uses_lexical(mode: Mode) -> bool:
+    return mode in ("lexical", "hybrid")
+
+
+def candidate_depth(mode: Mode, k: int) -> int:
+    """How many hits each part of a ``mode`` request retrieves: a hybrid answer fuses the top
+    ``HYBRID_DEPTH`` of each side, as evaluation does (``evaluation.run``)."""
+    return k if mode == "dense" else max(k, HYBRID_DEPTH)
+
+
+def combine(mode: Mode, dense: list[HitRecord], lexical: list[HitRecord], k: int,
+            fusion: Fusion) -> list[HitRecord]:
+    """The answer of a ``mode`` request from its parts (each retrieved to
+    :func:`candidate_depth`)."""
+    if mode == "dense":
+        return dense[:k]
+    if mode == "lexical":
+        return lexical[:k]
+    return fuse_hits(dense, lexical, k, fusion)
+
+
+def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
+    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
+    loaded = {"versions": versions or {manifest.version: manifest.path}}
+    active = {"active": manifest.version, "model_id": manifest.model.model_id,
+              "fusion": asdict(manifest.fusion)}
+    return loaded, active
 
 
 class LocalSearcher:
@@ -142,25 +173,20 @@ class LocalSearcher:
     def __init__(self, index_dir: str | Path) -> None:
         self.manifest = load_manifest(index_dir)
         self.encoder = load_encoder_for(index_dir)
-        self.shards = [load_shard(index_dir, s["id"]) for s in self.manifest["shards"]]
-        self.bm25 = load_bm25(index_dir) if self.manifest.get("bm25") else None
-        self.fusion = fusion_of(self.manifest)
+        self.shards = [load_shard(index_dir, s.id) for s in self.manifest.shards]
+        self.bm25 = load_bm25(index_dir) if self.manifest.bm25 else None
 
-    def search(self, query: str, k: int = 10, mode: str = "dense",
-               filters: dict[str, Any] | None = None) -> list[Hit]:
+    def search(self, query: str, k: int = 10, mode: Mode = "dense",
+               filters: dict[str, Any] | None = None) -> list[HitRecord]:
         f = to_filter(filters)
-        dense: list[Hit] = []
-        lexical: list[Hit] = []
-        depth = k if mode == "dense" else max(k, HYBRID_DEPTH)
-        if mode in ("dense", "hybrid"):
+        dense: list[HitRecord] = []
+        lexical: list[HitRecord] = []
+        depth = candidate_depth(mode, k)
+        if uses_dense(mode):
             xq = self.encoder.encode([query], "query")
             dense = merge_hits([shard_hits(s, xq, depth, f) for s in self.shards], depth)
-        if mode in ("lexical", "hybrid"):
+        if uses_lexical(mode):
             if self.bm25 is None:
                 raise IndexLoadError("this index was built without bm25")
             lexical = lexical_hits(*self.bm25, query, depth, f)
-        if mode == "dense":
-            return dense[:k]
-        if mode == "lexical":
-            return lexical[:k]
-        return fuse_hits(dense, lexical, k, self.fusion)
+        return combine(mode, dense, lexical, k, self.manifest.fusion)

@@ -19,37 +19,60 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.errors import PlatformError
+from retrieval_platform.training.mining import read_negatives
 
-NEGATIVES_SCHEMA = pa.schema([
-    pa.field("query_id", pa.string(), nullable=False),
-    pa.field("negative_ids", pa.list_(pa.string()), nullable=False),  # best-scoring first
-    pa.field("negative_scores", pa.list_(pa.float32()), nullable=False),
-])
+
+class PairBatch(TypedDict):
+    """Stage 1's rows, as columns (what :func:`contrastive_examples` writes and a batch of them
+    holds): one (query, positive) pair a row, with the keys Eq. 2's masks need."""
+
+    query_id: list[str]
+    query_text: list[str]
+    pos_text: list[str]
+    pos_key: list[int]  # the positive's product key (key64)
+    pos_group_key: list[int]  # its variant group's key
+    query_pos_keys: list[list[int]]  # every labelled positive of the query (label rule)
+    neg_pool_texts: list[list[str]]  # the pool hard negatives are drawn from each epoch
+    neg_pool_keys: list[list[int]]
+    neg_pool_group_keys: list[list[int]]
+
+
+class SampledPairBatch(PairBatch):
+    """A stage-1 batch with this step's hard negatives drawn (:func:`sample_negatives`)."""
+
+    neg_texts: list[list[str]]
+    neg_keys: list[list[int]]
+    neg_group_keys: list[list[int]]
+
+
+class GroupBatch(TypedDict):
+    """Stage 2's rows, as columns (:func:`roar_examples`): one query a row with its graded
+    candidates (best group first) and mined, ungraded extras."""
+
+    query_id: list[str]
+    query_text: list[str]
+    cand_texts: list[list[str]]
+    cand_grades: list[list[float]]  # the group grade of each candidate (Eq. 4's groups)
+    cand_keys: list[list[int]]
+    cand_group_keys: list[list[int]]
+    query_pos_keys: list[list[int]]
+    extra_texts: list[list[str]]  # in the query's softmax row and L₁'s denominator only
+    extra_keys: list[list[int]]
+    extra_group_keys: list[list[int]]
+    top_index: list[int]  # Eq. 7's L₁ positive among cand_*: 0, or −1 where none is positive
 
 
 def key64(value: str) -> int:
     """A stable signed 64-bit key for an id (torch has no uint64 arithmetic)."""
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big",
                           signed=True)
-
-
-def read_negatives(path: str | Path | None) -> dict[str, list[str]]:
-    if not path:
-        return {}
-    if not storage.exists(path):
-        raise PlatformError(f"{path}: no hard negatives here (run data_jobs.mine_negatives)")
-    table = pq.read_table(storage.fetch_file(path), columns=["query_id", "negative_ids"])
-    return dict(zip(table["query_id"].to_pylist(), table["negative_ids"].to_pylist(),
-                    strict=True))
 
 
 class _Catalog:
@@ -123,12 +146,11 @@ def contrastive_examples(
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
 
 
-def sample_negatives(batch: dict[str, list], hard_negatives: int,
-                     rng: np.random.Generator) -> dict[str, list]:
+def sample_negatives(batch: PairBatch, hard_negatives: int,
+                     rng: np.random.Generator) -> SampledPairBatch:
     """``hard_negatives`` of each row's pool, drawn without replacement (a fresh draw each
     epoch, since the caller seeds ``rng`` by epoch and step): adds ``neg_texts``, ``neg_keys``
     and ``neg_group_keys``."""
-    out = dict(batch)
     texts, keys, groups = [], [], []
     for pool_t, pool_k, pool_g in zip(batch["neg_pool_texts"], batch["neg_pool_keys"],
                                       batch["neg_pool_group_keys"], strict=True):
@@ -136,8 +158,7 @@ def sample_negatives(batch: dict[str, list], hard_negatives: int,
         texts.append([pool_t[i] for i in pick])
         keys.append([pool_k[i] for i in pick])
         groups.append([pool_g[i] for i in pick])
-    out["neg_texts"], out["neg_keys"], out["neg_group_keys"] = texts, keys, groups
-    return out
+    return SampledPairBatch(**batch, neg_texts=texts, neg_keys=keys, neg_group_keys=groups)
 
 
 def roar_examples(
@@ -184,26 +205,34 @@ def roar_examples(
         if len(cands) > max_candidates:
             cands = _sample_keeping_grades(cands, max_candidates, cat.rng)
         cands.sort(key=lambda pg: (-pg[1], -raw[pg[0]]))
-        top_grade = raw[cands[0][0]]
-        rows["query_id"].append(qid)
-        rows["query_text"].append(qtext[qid])
-        rows["cand_texts"].append([cat.text[p] for p, _ in cands])
-        rows["cand_grades"].append([float(g) for _, g in cands])
-        rows["cand_keys"].append([key64(p) for p, _ in cands])
-        rows["cand_group_keys"].append([key64(cat.group[p]) for p, _ in cands])
-        rows["query_pos_keys"].append([key64(p) for p, g in judged[qid]
-                                       if g >= scale.positive_threshold])
-        # Mined, unjudged products: in the query's softmax row and L₁'s denominator, in no group.
-        rows["extra_texts"].append([cat.text[n] for n in extra])
-        rows["extra_keys"].append([key64(n) for n in extra])
-        rows["extra_group_keys"].append([key64(cat.group[n]) for n in extra])
-        # Eq. 7's λ·L₁ pair: the first top-group product, when it is a positive at all.
-        rows["top_index"].append(0 if top_grade >= scale.positive_threshold else -1)
+        positives = [p for p, g in judged[qid] if g >= scale.positive_threshold]
+        _add_group_row(rows, cat, qid, qtext[qid], cands, extra, positives,
+                       top_is_positive=raw[cands[0][0]] >= scale.positive_threshold)
     if not rows:
         raise PlatformError(f"{ds.location}: no {split} query has two or more grade groups; "
                             "nothing for ROAR to order")
     table = pa.table(rows)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+def _add_group_row(rows: dict[str, list], cat: _Catalog, qid: str, text: str,
+                   cands: list[tuple[str, float]], extra: list[str], positives: list[str],
+                   top_is_positive: bool) -> None:
+    """One :class:`GroupBatch` row: the query's graded candidates (best group first), its
+    mined extras, its labelled positives and its L₁ positive."""
+    rows["query_id"].append(qid)
+    rows["query_text"].append(text)
+    rows["cand_texts"].append([cat.text[p] for p, _ in cands])
+    rows["cand_grades"].append([float(g) for _, g in cands])
+    rows["cand_keys"].append([key64(p) for p, _ in cands])
+    rows["cand_group_keys"].append([key64(cat.group[p]) for p, _ in cands])
+    rows["query_pos_keys"].append([key64(p) for p in positives])
+    # Mined, unjudged products: in the query's softmax row and L₁'s denominator, in no group.
+    rows["extra_texts"].append([cat.text[n] for n in extra])
+    rows["extra_keys"].append([key64(n) for n in extra])
+    rows["extra_group_keys"].append([key64(cat.group[n]) for n in extra])
+    # Eq. 7's λ·L₁ pair: the first top-group product, when it is a positive at all.
+    rows["top_index"].append(0 if top_is_positive else -1)
 
 
 def _sample_keeping_grades(cands: list[tuple[str, float]], n: int,

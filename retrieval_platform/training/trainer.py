@@ -27,14 +27,10 @@ from retrieval_platform.encoder.model import model_info, model_location, resolve
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import write_json
 from retrieval_platform.tracking import log_training
+from retrieval_platform.training.checkpoint import HISTORY_FILE, MODEL_DIR, init_source
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
-from retrieval_platform.training.loop import (
-    HISTORY_FILE,
-    MODEL_DIR,
-    init_source,
-    train_loop_per_worker,
-)
+from retrieval_platform.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

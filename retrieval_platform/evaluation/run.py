@@ -1,15 +1,16 @@
-"""Evaluation with full-corpus retrieval: dense models, BM25 and hybrids on one split.
+"""Evaluation with full-corpus retrieval (the body of ``train_jobs.evaluate``): dense models,
+BM25 and hybrids on one split.
 
 Every product of the prepared catalog is embedded (Ray Data) and searched exactly (FAISS flat),
 so the numbers are those of the deployed system, not of a re-ranking of judged products.
 Grade-order accuracy is computed on the judged products of each query: dense scores are cosine
 similarities, BM25 scores are BM25's, hybrid scores are the served fusion's
-(``retrievers.hybrid``): RRF of full-corpus ranks, or the convex mix of normalised scores.
+(``retrievers.hybrid``): RRF of full-corpus ranks, or the convex mix of normalised scores, of
+the top ``HYBRID_DEPTH`` of each side, as the service fuses them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pyarrow as pa
 from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
-from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.batch import EmbedConfig, embed_catalog
 from retrieval_platform.encoder.card import record_evaluation
 from retrieval_platform.encoder.model import (
     DualEncoder,
@@ -32,19 +33,26 @@ from retrieval_platform.encoder.model import (
     resolve_model_folder,
 )
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index import Hits
+from retrieval_platform.evaluation.report import write_report
 from retrieval_platform.index.bm25 import BM25Retriever
-from retrieval_platform.index.faiss_ops import IndexParams, build_index, first_dims, search_index
-from retrieval_platform.io import write_json
+from retrieval_platform.index.faiss_ops import (
+    IndexParams,
+    build_faiss_index,
+    first_dims,
+    search_index,
+)
 from retrieval_platform.metrics import aggregate, per_query_metrics
-from retrieval_platform.retrievers.hybrid import Fusion, fuse, minmax_bounds, normalise
+from retrieval_platform.retrievers import ScoredIds
+from retrieval_platform.retrievers.hybrid import (
+    HYBRID_DEPTH,
+    Fusion,
+    fuse,
+    minmax_bounds,
+    normalise,
+)
 from retrieval_platform.tracking import TrackingConfig, log_evaluation
 
 log = logging.getLogger(__name__)
-
-METRIC_COLUMNS = ["ndcg@10", "recall@10", "recall@100", "map@10", "mrr@10",
-                  "grade_order_accuracy", "grade_order_accuracy_gap"]
-
 
 @dataclass
 class EvaluateConfig:
@@ -72,10 +80,15 @@ class EvaluateConfig:
         default_factory=list)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (tracking.py)
 
+    def __post_init__(self) -> None:
+        if self.hybrid and self.depth < HYBRID_DEPTH:  # else we would report another fusion
+            raise ValueError(f"depth {self.depth}: a hybrid fuses the top {HYBRID_DEPTH} of "
+                             f"each side, as the service does; set depth >= {HYBRID_DEPTH}")
+
 
 @dataclass
 class _Ranked:
-    hits: dict[str, Hits]  # query -> its top-depth (product, score), best first
+    hits: dict[str, ScoredIds]  # query -> its top-depth (product, score), best first
     judged_scores: dict[str, dict[str, float]]
     full_ranks: dict[str, dict[str, int]]  # query -> judged product -> rank in the whole corpus
     seconds: float
@@ -118,9 +131,8 @@ def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtext
     folder = resolve_model_folder(model)
     # blocks small enough that every actor has work to the end (a sampled corpus is small)
     block = max(64, min(1024, -(-products.num_rows // (4 * cfg.embed.actors))))
-    embedded = embed_products(ds.products_dataset(table=products, rows_per_block=block),
-                              model, cfg.embed)
-    cols, xb = collect(embedded, ["product_id"])
+    cols, xb = embed_catalog(ds.products_dataset(table=products, rows_per_block=block),
+                             model, cfg.embed, ["product_id"])
     encoder = DualEncoder.from_pretrained(folder)
     xq = {key: encoder.encode(qtexts, "query", batch_size=cfg.query_batch_size,
                               precision=precision)  # (nq, d)
@@ -131,7 +143,7 @@ def _embed(name: str, model: str, ds: PreparedDataset, products: pa.Table, qtext
 
 
 def _ranked(ids: list[str], qids: list[str], qrels: dict[str, dict[str, float]],
-            hits: list[Hits], all_scores: Callable[[int], np.ndarray], started: float
+            hits: list[ScoredIds], all_scores: Callable[[int], np.ndarray], started: float
             ) -> _Ranked:
     """One retriever's top-depth ``hits`` per query, plus every judged product's score and
     full-corpus rank from ``all_scores(query index)`` (n,), for grade-order accuracy."""
@@ -152,7 +164,7 @@ def _dense(ids: list[str], xb: np.ndarray, xq: np.ndarray, qids: list[str],
            qrels: dict[str, dict[str, float]], depth: int, seconds: float) -> _Ranked:
     """Exact inner-product search (FAISS flat) over every product."""
     started = time.perf_counter() - seconds  # the embedding time counts too
-    D, I = search_index(build_index(xb, IndexParams()), xq, depth, IndexParams())
+    D, I = search_index(build_faiss_index(xb, IndexParams()), xq, depth, IndexParams())
     hits = [[(ids[i], float(d)) for d, i in zip(D[qi], I[qi], strict=True) if i >= 0]
             for qi in range(len(qids))]
     return _ranked(ids, qids, qrels, hits, lambda qi: xb @ xq[qi], started)
@@ -169,12 +181,13 @@ def _bm25(products: pa.Table, qids: list[str], qtexts: list[str],
 
 
 def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int, fusion: Fusion) -> _Ranked:
-    """The served fusion (``retrievers.hybrid.fuse``) of the two top-depth lists; judged
-    products are scored by the same function of their full-corpus ranks (RRF) or scores
+    """The served fusion (``retrievers.hybrid.fuse``) of the top ``HYBRID_DEPTH`` of each list;
+    judged products are scored by the same function of their full-corpus ranks (RRF) or scores
     normalised with the lists' bounds (convex), for grade-order accuracy."""
     hits, judged_scores = {}, {}
     for qid in dense.hits:
-        hits[qid] = fuse(dense.hits[qid], lexical.hits[qid], depth, fusion)
+        hits[qid] = fuse(dense.hits[qid][:HYBRID_DEPTH], lexical.hits[qid][:HYBRID_DEPTH],
+                         depth, fusion)
         if fusion.method == "rrf":
             judged_scores[qid] = {
                 p: 1 / (fusion.rrf_k + dense.full_ranks[qid][p])
@@ -182,7 +195,8 @@ def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int, fusion: Fusion) -> _Ra
                 for p in dense.full_ranks[qid]}
         else:
             a = fusion.dense_weight
-            bd, bl = minmax_bounds(dense.hits[qid]), minmax_bounds(lexical.hits[qid])
+            bd = minmax_bounds(dense.hits[qid][:HYBRID_DEPTH])
+            bl = minmax_bounds(lexical.hits[qid][:HYBRID_DEPTH])
             judged_scores[qid] = {
                 p: a * float(normalise(s, bd))
                 + (1 - a) * float(normalise(lexical.judged_scores[qid][p], bl))
@@ -193,44 +207,14 @@ def _hybrid(dense: _Ranked, lexical: _Ranked, depth: int, fusion: Fusion) -> _Ra
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every configured system; writes report.md, report.json and report.png."""
     ds = PreparedDataset(cfg.prepared_dir)
-    qrels = ds.qrels(cfg.split)
-    if not qrels:
-        raise PlatformError(f"{cfg.prepared_dir}: split {cfg.split!r} has no judged queries")
-    qids = sorted(qrels)
-    if cfg.max_queries and len(qids) > cfg.max_queries:
-        rng = np.random.default_rng(cfg.seed)
-        qids = sorted(rng.choice(qids, cfg.max_queries, replace=False).tolist())
-        qrels = {q: qrels[q] for q in qids}
+    qids, qrels = _queries(ds, cfg)
     text_of = ds.query_texts(cfg.split)
     qtexts = [text_of[q] for q in qids]
     products = corpus(ds, qrels, cfg.max_products, cfg.seed)
     unknown = [h for h in cfg.hybrid if h not in cfg.models]
     if unknown:
         raise PlatformError(f"hybrid names {unknown} are not among models {list(cfg.models)}")
-
-    ranked: dict[str, _Ranked] = {}
-    model_ids: dict[str, str] = {}
-    for name, model in cfg.models.items():
-        started = time.perf_counter()
-        ids, xb, xqs, model_ids[name] = _embed(name, model, ds, products, qtexts, cfg)
-        seconds = time.perf_counter() - started
-        xq = xqs.pop("")
-        ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
-        for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
-            ranked[f"{name}@{d}"] = _dense(ids, first_dims(xb, d), first_dims(xq, d), qids,
-                                           qrels, cfg.depth, seconds)
-        for precision, xq_p in xqs.items():  # the same products, queries at another precision
-            ranked[f"{name}[q:{precision}]"] = _dense(ids, xb, xq_p, qids, qrels, cfg.depth,
-                                                      seconds)
-    if cfg.bm25 or cfg.hybrid:
-        lexical = _bm25(products, qids, qtexts, qrels, cfg.depth)
-        if cfg.bm25:
-            ranked["bm25"] = lexical
-        for name in cfg.hybrid:
-            for fusion in cfg.fusions:
-                ranked[hybrid_name(name, fusion)] = _hybrid(ranked[name], lexical, cfg.depth,
-                                                            fusion)
-
+    ranked, model_ids = rank_systems(cfg, ds, products, qids, qtexts, qrels)
     scale = ds.scale
     per_query = {
         name: per_query_metrics(r.rankings, qrels, gain=scale.gain,
@@ -258,106 +242,45 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     return report
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
-    curves = training_curves(report)
-    if curves:
-        plot_training(curves, out / "training.png")
-    (out / "report.md").write_text(render_markdown(report, curves))
-    plot(report, out / "report.png")
+def _queries(ds: PreparedDataset, cfg: EvaluateConfig
+             ) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The judged queries of the split (a seeded sample of ``max_queries``), and their qrels."""
+    qrels = ds.qrels(cfg.split)
+    if not qrels:
+        raise PlatformError(f"{cfg.prepared_dir}: split {cfg.split!r} has no judged queries")
+    qids = sorted(qrels)
+    if cfg.max_queries and len(qids) > cfg.max_queries:
+        rng = np.random.default_rng(cfg.seed)
+        qids = sorted(rng.choice(qids, cfg.max_queries, replace=False).tolist())
+    return qids, {q: qrels[q] for q in qids}
 
 
-def training_curves(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """For each evaluated model that training wrote: its stage, run and per-step history."""
-    out = {}
-    for name, model in report.get("models", {}).items():
-        record = Path(model["path"]) / "training.json"
-        if record.is_file():
-            training = json.loads(record.read_text())
-            out[name] = {"stage": training["stage"], "run": training["config"]["run"]["name"],
-                         "history": training.get("history", [])}
-    return out
-
-
-def plot_training(curves: dict[str, dict[str, Any]], path: Path) -> None:
-    """Training loss and in-batch accuracy over steps, one line per evaluated model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, curve in curves.items():
-        steps = [h["step"] for h in curve["history"]]
-        label = f"{name} ({curve['stage']}, run {curve['run']})"
-        for ax, key in zip(axes, ("loss", "in_batch_accuracy"), strict=True):
-            ax.plot(steps, [h.get(key, float("nan")) for h in curve["history"]], label=label)
-            ax.set_xlabel("step")
-            ax.set_ylabel(key)
-    axes[0].set_title("training loss")
-    axes[1].set_title("in-batch accuracy")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def render_markdown(report: dict[str, Any], curves: dict[str, dict[str, Any]] | None = None
-                    ) -> str:
-    results = report["results"]
-    base = results.get("bm25", {}).get("ndcg@10")
-    lines = [
-        f"# Evaluation: {Path(report['dataset']).name}, split {report['split']}",
-        "",
-        f"{'Full-corpus' if report.get('full_corpus', True) else 'Sampled-corpus'} retrieval "
-        f"over {report['products']} products, {report['queries']} queries. "
-        f"Gain map: {report['gain_map']}. Recall and MRR count {report['top_grade']} as "
-        "top grade. Grade-order accuracy: share of judged pairs with different grades that the "
-        "system scores in the right order (_gap: pairs at least 1 grade apart).",
-        "",
-        "| system | " + " | ".join(METRIC_COLUMNS) + " | NDCG@10 / BM25 | seconds |",
-        "|---|" + "---:|" * (len(METRIC_COLUMNS) + 2),
-    ]
-    for name, m in results.items():
-        ratio = f"{m['ndcg@10'] / base:.3f}" if base else "–"
-        cells = " | ".join(f"{m.get(c, float('nan')):.4f}" for c in METRIC_COLUMNS)
-        lines.append(f"| {name} | {cells} | {ratio} | {m['seconds']} |")
-    if report.get("models"):
-        lines += ["", "Models:", ""]
-        lines += [f"- {n}: `{v['model_id']}` ({v['path']})" for n, v in report["models"].items()]
-    if curves:
-        lines += ["", "Training runs compared (curves: training.png):", ""]
-        lines += [f"- {n}: {c['stage']}, run `{c['run']}`, {len(c['history'])} logged steps"
-                  for n, c in curves.items()]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = report["results"]
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    ranking = [c for c in METRIC_COLUMNS if not c.startswith("grade_order")]
-    width = 0.8 / max(1, len(names))
-    x = np.arange(len(ranking))
-    for i, name in enumerate(names):
-        axes[0].bar(x + i * width, [results[name][c] for c in ranking], width, label=name)
-    axes[0].set_xticks(x + width * (len(names) - 1) / 2, ranking)
-    axes[0].set_ylim(0, 1)
-    axes[0].set_title("Full-corpus retrieval")
-    axes[0].legend(fontsize=8)
-    axes[1].bar(range(len(names)), [results[n]["grade_order_accuracy"] for n in names],
-                color=[f"C{i}" for i in range(len(names))])
-    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    axes[1].set_ylim(0.4, 1)
-    axes[1].set_title("Grade-order accuracy")
-    fig.suptitle(f"{Path(report['dataset']).name} / {report['split']}: "
-                 f"{report['queries']} queries, {report['products']} products")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def rank_systems(cfg: EvaluateConfig, ds: PreparedDataset, products: pa.Table, qids: list[str],
+                 qtexts: list[str], qrels: dict[str, dict[str, float]]
+                 ) -> tuple[dict[str, _Ranked], dict[str, str]]:
+    """Every system's ranking of ``products`` for the queries (by name: each model, its
+    Matryoshka prefixes and query precisions, BM25, each hybrid and fusion), and each model's
+    id."""
+    ranked: dict[str, _Ranked] = {}
+    model_ids: dict[str, str] = {}
+    for name, model in cfg.models.items():
+        started = time.perf_counter()
+        ids, xb, xqs, model_ids[name] = _embed(name, model, ds, products, qtexts, cfg)
+        seconds = time.perf_counter() - started
+        xq = xqs.pop("")
+        ranked[name] = _dense(ids, xb, xq, qids, qrels, cfg.depth, seconds)
+        for d in cfg.dims:  # the same embeddings, first d dimensions (Matryoshka)
+            ranked[f"{name}@{d}"] = _dense(ids, first_dims(xb, d), first_dims(xq, d), qids,
+                                           qrels, cfg.depth, seconds)
+        for precision, xq_p in xqs.items():  # the same products, queries at another precision
+            ranked[f"{name}[q:{precision}]"] = _dense(ids, xb, xq_p, qids, qrels, cfg.depth,
+                                                      seconds)
+    if cfg.bm25 or cfg.hybrid:
+        lexical = _bm25(products, qids, qtexts, qrels, cfg.depth)
+        if cfg.bm25:
+            ranked["bm25"] = lexical
+        for name in cfg.hybrid:
+            for fusion in cfg.fusions:
+                ranked[hybrid_name(name, fusion)] = _hybrid(ranked[name], lexical, cfg.depth,
+                                                            fusion)
+    return ranked, model_ids

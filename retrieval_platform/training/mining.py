@@ -3,7 +3,11 @@ every training query, and keep the products of a rank window (``skip_top`` ≤ r
 that are neither judged above the scale's lowest grade nor in a positive's variant group. The
 very top ranks are skipped because they are mostly unlabelled positives (on Home Depot, 92 % of
 zero-shot top-1 "negatives" scored within 0.1 of the positive, many plainly relevant); the
-training loop samples a few of the kept ones afresh every epoch."""
+training loop samples a few of the kept ones afresh every epoch.
+
+The negatives file is this module's: its schema (``NEGATIVES_SCHEMA``), its writer
+(:func:`mine_negatives`) and its reader (:func:`read_negatives`, for
+:mod:`retrieval_platform.training.examples`)."""
 
 from __future__ import annotations
 
@@ -20,12 +24,18 @@ import pyarrow.parquet as pq
 
 from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.embedding import EmbedConfig, collect, embed_products
+from retrieval_platform.encoder.batch import EmbedConfig, embed_catalog
 from retrieval_platform.encoder.model import DualEncoder, model_info, resolve_model_folder
-from retrieval_platform.index.faiss_ops import IndexParams, build_index, search_index
-from retrieval_platform.training.examples import NEGATIVES_SCHEMA
+from retrieval_platform.errors import PlatformError
+from retrieval_platform.index.faiss_ops import IndexParams, build_faiss_index, search_index
 
 log = logging.getLogger(__name__)
+
+NEGATIVES_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("negative_ids", pa.list_(pa.string()), nullable=False),  # best-scoring first
+    pa.field("negative_scores", pa.list_(pa.float32()), nullable=False),
+])
 
 
 @dataclass
@@ -44,8 +54,8 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ds = PreparedDataset(cfg.prepared_dir)
     folder = resolve_model_folder(cfg.model)
-    cols, xb = collect(embed_products(ds.products_dataset(["product_id", "text", "variant_group"]),
-                                      cfg.model, cfg.embed), ["product_id", "variant_group"])
+    cols, xb = embed_catalog(ds.products_dataset(["product_id", "text", "variant_group"]),
+                             cfg.model, cfg.embed, ["product_id", "variant_group"])
     ids, groups = cols["product_id"], cols["variant_group"]
     group_of = dict(zip(ids, groups, strict=True))
 
@@ -57,7 +67,7 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
     qids = [q for q in text_of if q in positives]
     encoder = DualEncoder.from_pretrained(folder)
     xq = encoder.encode([text_of[q] for q in qids], "query", precision=cfg.embed.precision)
-    D, I = search_index(build_index(xb, IndexParams()), xq, cfg.depth, IndexParams())
+    D, I = search_index(build_faiss_index(xb, IndexParams()), xq, cfg.depth, IndexParams())
 
     rows: dict[str, list] = defaultdict(list)
     dropped = 0
@@ -88,3 +98,14 @@ def mine_negatives(cfg: MineConfig) -> dict[str, Any]:
              "seconds": round(time.perf_counter() - started, 1)}
     log.info("mined negatives: %s", stats)
     return stats
+
+
+def read_negatives(path: str | Path | None) -> dict[str, list[str]]:
+    """query id -> its mined negatives, best-scoring first (empty without a path)."""
+    if not path:
+        return {}
+    if not storage.exists(path):
+        raise PlatformError(f"{path}: no hard negatives here (run data_jobs.mine_negatives)")
+    table = pq.read_table(storage.fetch_file(path), columns=["query_id", "negative_ids"])
+    return dict(zip(table["query_id"].to_pylist(), table["negative_ids"].to_pylist(),
+                    strict=True))

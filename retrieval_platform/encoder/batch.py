@@ -1,5 +1,6 @@
 """Batch embedding of a catalog with Ray Data: a stateful UDF that loads the model once per
-actor and calls the encoder's one ``encode`` path."""
+actor and calls the encoder's one ``encode`` path; :func:`embed_catalog` embeds and brings the
+vectors to the driver (index builds, mining and evaluation)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from retrieval_platform.cluster import require_gpus
 from retrieval_platform.encoder.model import DualEncoder, model_location, resolve_model_folder
-from retrieval_platform.errors import PlatformError
 
 
 @dataclass
@@ -25,14 +26,6 @@ class EmbedConfig:
     precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
     # GPUs per actor (fractions share one): the model runs on CUDA, in bf16 under ``auto``
     num_gpus: float = 0.0
-
-
-def require_gpus(wanted: float, what: str) -> None:
-    """Fail clearly where GPUs are asked for on a cluster that has none (Ray would otherwise
-    wait for them forever)."""
-    if wanted and not ray.cluster_resources().get("GPU", 0):
-        raise PlatformError(f"{what} asks for {wanted:g} GPU(s) but the Ray cluster has none "
-                            "(set it to 0, or add GPU nodes: cluster.yaml)")
 
 
 class ProductEmbedder:
@@ -90,3 +83,10 @@ def collect(ds: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, list], 
     dim = emb.type.list_size
     vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
     return {c: table[c].to_pylist() for c in columns}, vectors
+
+
+def embed_catalog(products: ray.data.Dataset, model: str | Path, cfg: EmbedConfig,
+                  columns: list[str]) -> tuple[dict[str, list], np.ndarray]:
+    """Embed ``products`` (``product_id``, ``text`` and ``columns``) with ``model`` on the
+    actor pool, and return ``columns`` as lists and the (n, d) vectors, in one order."""
+    return collect(embed_products(products, model, cfg), columns)

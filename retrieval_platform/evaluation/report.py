@@ -1,0 +1,121 @@
+"""The evaluation report: ``report.json`` (every number, per query too), ``report.md`` (the
+table), ``report.png`` (the metrics per system) and ``training.png`` (the training curves of the
+evaluated models that training wrote)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval_platform.io import write_json
+
+METRIC_COLUMNS = ["ndcg@10", "recall@10", "recall@100", "map@10", "mrr@10",
+                  "grade_order_accuracy", "grade_order_accuracy_gap"]
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    curves = training_curves(report)
+    if curves:
+        plot_training(curves, out / "training.png")
+    (out / "report.md").write_text(render_markdown(report, curves))
+    plot(report, out / "report.png")
+
+
+def training_curves(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each evaluated model that training wrote: its stage, run and per-step history."""
+    out = {}
+    for name, model in report.get("models", {}).items():
+        record = Path(model["path"]) / "training.json"
+        if record.is_file():
+            training = json.loads(record.read_text())
+            out[name] = {"stage": training["stage"], "run": training["config"]["run"]["name"],
+                         "history": training.get("history", [])}
+    return out
+
+
+def plot_training(curves: dict[str, dict[str, Any]], path: Path) -> None:
+    """Training loss and in-batch accuracy over steps, one line per evaluated model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, curve in curves.items():
+        steps = [h["step"] for h in curve["history"]]
+        label = f"{name} ({curve['stage']}, run {curve['run']})"
+        for ax, key in zip(axes, ("loss", "in_batch_accuracy"), strict=True):
+            ax.plot(steps, [h.get(key, float("nan")) for h in curve["history"]], label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+    axes[0].set_title("training loss")
+    axes[1].set_title("in-batch accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_markdown(report: dict[str, Any], curves: dict[str, dict[str, Any]] | None = None
+                    ) -> str:
+    results = report["results"]
+    base = results.get("bm25", {}).get("ndcg@10")
+    lines = [
+        f"# Evaluation: {Path(report['dataset']).name}, split {report['split']}",
+        "",
+        f"{'Full-corpus' if report.get('full_corpus', True) else 'Sampled-corpus'} retrieval "
+        f"over {report['products']} products, {report['queries']} queries. "
+        f"Gain map: {report['gain_map']}. Recall and MRR count {report['top_grade']} as "
+        "top grade. Grade-order accuracy: share of judged pairs with different grades that the "
+        "system scores in the right order (_gap: pairs at least 1 grade apart).",
+        "",
+        "| system | " + " | ".join(METRIC_COLUMNS) + " | NDCG@10 / BM25 | seconds |",
+        "|---|" + "---:|" * (len(METRIC_COLUMNS) + 2),
+    ]
+    for name, m in results.items():
+        ratio = f"{m['ndcg@10'] / base:.3f}" if base else "–"
+        cells = " | ".join(f"{m.get(c, float('nan')):.4f}" for c in METRIC_COLUMNS)
+        lines.append(f"| {name} | {cells} | {ratio} | {m['seconds']} |")
+    if report.get("models"):
+        lines += ["", "Models:", ""]
+        lines += [f"- {n}: `{v['model_id']}` ({v['path']})" for n, v in report["models"].items()]
+    if curves:
+        lines += ["", "Training runs compared (curves: training.png):", ""]
+        lines += [f"- {n}: {c['stage']}, run `{c['run']}`, {len(c['history'])} logged steps"
+                  for n, c in curves.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    ranking = [c for c in METRIC_COLUMNS if not c.startswith("grade_order")]
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(ranking))
+    for i, name in enumerate(names):
+        axes[0].bar(x + i * width, [results[name][c] for c in ranking], width, label=name)
+    axes[0].set_xticks(x + width * (len(names) - 1) / 2, ranking)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("Full-corpus retrieval")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(range(len(names)), [results[n]["grade_order_accuracy"] for n in names],
+                color=[f"C{i}" for i in range(len(names))])
+    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[1].set_ylim(0.4, 1)
+    axes[1].set_title("Grade-order accuracy")
+    fig.suptitle(f"{Path(report['dataset']).name} / {report['split']}: "
+                 f"{report['queries']} queries, {report['products']} products")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
