@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from retrieval_platform.cluster import require_gpus
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index.store import load_manifest
+from retrieval_platform.index.store import IndexManifest, load_manifest
 from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
-from retrieval_platform.serving.search import version_user_configs
 
 
 class EncoderArgs(BaseModel):
@@ -86,6 +86,16 @@ ENCODER, LEXICAL, INGRESS = "QueryEncoder", "Lexical", "Ingress"
 
 def shard_name(i: int) -> str:
     return f"Shard_{i}"
+
+
+def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
+    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
+    loaded = {"versions": versions or {manifest.version: manifest.path}}
+    active = {"active": manifest.version, "model_id": manifest.model.model_id,
+              "fusion": asdict(manifest.fusion)}
+    return loaded, active
 
 
 def _api_key(args: AppArgs) -> str | None:

@@ -28,8 +28,9 @@ from retrieval_platform.serving.app import (
     LEXICAL,
     AppArgs,
     shard_name,
+    version_user_configs,
 )
-from retrieval_platform.serving.search import load_encoder_for, version_user_configs
+from retrieval_platform.serving.search import load_encoder_for
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ metadata, their merge, BM25 hits, and the one mode dispatch (:func:`candidate_de
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,6 @@ from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.store import (
     CatalogFilter,
     IndexLoadError,
-    IndexManifest,
     LoadedShard,
     load_bm25,
     load_manifest,
@@ -155,16 +154,6 @@ def combine(mode: Mode, dense: list[HitRecord], lexical: list[HitRecord], k: int
     if mode == "lexical":
         return lexical[:k]
     return fuse_hits(dense, lexical, k, fusion)
-
-
-def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | None = None
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
-    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
-    loaded = {"versions": versions or {manifest.version: manifest.path}}
-    active = {"active": manifest.version, "model_id": manifest.model.model_id,
-              "fusion": asdict(manifest.fusion)}
-    return loaded, active
 
 
 class LocalSearcher:
