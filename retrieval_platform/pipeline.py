@@ -66,9 +66,11 @@ class PipelineConfig:
     # later full run never resumes a smoke run's training checkpoints
     smoke: bool = False
 
-    def __post_init__(self) -> None:
-        if self.smoke and not self.name.endswith("-smoke"):
-            self.name += "-smoke"
+    @property
+    def output_name(self) -> str:
+        """``{name}`` in the steps: the name, with ``-smoke`` in a smoke run (whatever sets
+        the name: the YAML, ``--set name=`` or ``--name``)."""
+        return f"{self.name}-smoke" if self.smoke else self.name
 
     def step_overrides(self, step: StepConfig) -> list[str]:
         """The ``--set`` overrides of ``step``, filled in."""
@@ -78,7 +80,8 @@ class PipelineConfig:
         """``text`` with ``{name}`` and ``{storage}`` (made absolute when it is local)."""
         from retrieval_platform.storage import canonical
 
-        return text.replace("{name}", self.name).replace("{storage}", canonical(self.storage))
+        return text.replace("{name}", self.output_name).replace("{storage}",
+                                                                 canonical(self.storage))
 
 
 def job_runtime_env(cfg: PipelineConfig, home: Path) -> dict[str, Any]:

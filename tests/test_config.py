@@ -134,3 +134,16 @@ def test_grafana_dashboard_uses_only_metrics_the_service_exports():
     source = (REPO / "retrieval_platform/serving/deployments.py").read_text()
     defined = set(re.findall(r'(?:Histogram|Counter)\(\s*"(rp_\w+)"', source))
     assert queried and queried <= defined, queried - defined
+
+
+def test_a_smoke_run_writes_under_its_own_name_whoever_names_it():
+    """A later full run must never resume a smoke run's checkpoints: ``{name}`` is
+    ``NAME-smoke`` in a smoke run, also when ``--name`` sets the name after loading."""
+    from retrieval_platform.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, REPO / "configs/synthetic/pipeline.yaml", ["smoke=true"])
+    assert cfg.fill("{name}") == "synthetic-smoke"
+    cfg.name = "mydata"  # what `retrieval-platform pipeline --name mydata --smoke` does
+    assert cfg.fill("{name}") == "mydata-smoke"
+    cfg.smoke = False
+    assert cfg.fill("{name}") == "mydata"

@@ -54,6 +54,7 @@ from retrieval_platform.tracking import TrackingConfig, log_evaluation
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EvaluateConfig:
     prepared_dir: str = "runs/data/synthetic"
