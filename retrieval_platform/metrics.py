@@ -10,6 +10,11 @@
 - Grade-order accuracy: over all pairs of one query's judged products with different grades, the
   share that the model scores in the right order (ties count one half); also over the pairs
   whose grades differ by at least 1 (Home Depot's mean ratings are noisy at smaller gaps).
+- What stage 2 (ROAR) targets, as pair accuracies of the same kind, with grade bins (ascending
+  edges, the stage-2 ``data.grade_bins``): bin-order accuracy over pairs in different bins,
+  mid-vs-low accuracy over pairs in different bins below the top bin (the pairs L₁ alone
+  leaves unordered: neither is a positive), and the top grade's AUC (the paper's AUC) over
+  (top-grade, lower-grade) pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ from typing import Any
 import numpy as np
 
 Judged = Mapping[str, float]  # product_id -> grade, for one query
+
+# Pair-accuracy metrics -> the prefix of their per-query counts (PREFIXcorrect, PREFIXpairs):
+# ratios of sums, which paired bootstrap intervals resample as such (stats.py).
+PAIR_METRICS = {
+    "grade_order_accuracy": "goa_",
+    "grade_order_accuracy_gap": "goa_gap_",
+    "bin_order_accuracy": "bin_",
+    "mid_low_accuracy": "midlow_",
+    "top_grade_auc": "auc_",
+}
+
+
+def grade_bin(grade: float | np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """A grade's bin: the number of ascending ``edges`` at or below it (edges [1.8, 2.5] on a
+    1–3 scale: ≤ 1.67 -> 0, 2–2.33 -> 1, ≥ 2.67 -> 2)."""
+    return np.searchsorted(np.sort(np.asarray(edges, np.float64)), grade, side="right")
 
 
 def dcg(gains: Sequence[float] | np.ndarray) -> float:
@@ -67,18 +88,51 @@ def grade_order_pairs(scores: Mapping[str, float], judged: Judged,
                       min_gap: float = 0.0) -> tuple[float, int]:
     """(correctly ordered pairs, ties counting 0.5; number of pairs whose grades differ by more
     than ``min_gap``, or at all when it is 0)."""
+    return ordered_pairs(scores, judged, lambda g: np.abs(g[:, None] - g[None, :])
+                         >= min_gap - 1e-9 if min_gap > 0 else None)
+
+
+def ordered_pairs(scores: Mapping[str, float], judged: Judged,
+                  select: Callable[[np.ndarray], np.ndarray | None] | None = None
+                  ) -> tuple[float, int]:
+    """(correctly ordered pairs, ties counting 0.5; number of pairs) over the pairs of judged
+    products with different grades that ``select(grades)`` (n, n) bool keeps (None: all)."""
     ids = [p for p in judged if p in scores]
     g = np.asarray([judged[p] for p in ids], np.float64)
     s = np.asarray([scores[p] for p in ids], np.float64)
-    gap = g[:, None] - g[None, :]  # (n, n)
-    dg = np.sign(gap)  # (n, n)
+    dg = np.sign(g[:, None] - g[None, :])  # (n, n)
     ds = np.sign(s[:, None] - s[None, :])  # (n, n)
     upper = np.triu(np.ones_like(dg, dtype=bool), 1) & (dg != 0)
-    if min_gap > 0:
-        upper &= np.abs(gap) >= min_gap - 1e-9
+    keep = select(g) if select is not None else None
+    if keep is not None:
+        upper &= keep
     total = int(upper.sum())
     correct = float((dg[upper] == ds[upper]).sum() + 0.5 * (ds[upper] == 0).sum())
     return correct, total
+
+
+def stage2_pairs(scores: Mapping[str, float], judged: Judged, edges: Sequence[float],
+                 top_threshold: float) -> dict[str, float]:
+    """One query's pair counts of bin-order accuracy, mid-vs-low accuracy (bins differ, both
+    below the top bin) and the top grade's AUC (grade ≥ ``top_threshold`` vs below)."""
+    top_bin = len(edges)
+
+    def bins(g: np.ndarray) -> np.ndarray:
+        b = grade_bin(g, edges)
+        return b[:, None] != b[None, :]
+
+    def mid_low(g: np.ndarray) -> np.ndarray:
+        b = grade_bin(g, edges)
+        return (b[:, None] != b[None, :]) & (b[:, None] < top_bin) & (b[None, :] < top_bin)
+
+    def top(g: np.ndarray) -> np.ndarray:
+        t = g >= top_threshold
+        return t[:, None] != t[None, :]
+
+    out = {}
+    for prefix, select in (("bin_", bins), ("midlow_", mid_low), ("auc_", top)):
+        out[f"{prefix}correct"], out[f"{prefix}pairs"] = ordered_pairs(scores, judged, select)
+    return out
 
 
 def per_query_metrics(
@@ -93,11 +147,13 @@ def per_query_metrics(
     mrr_k: int = 10,
     map_k: int = 10,
     goa_min_gap: float = 1.0,
+    grade_bins: Sequence[float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each query's metrics (the unit that paired bootstrap intervals resample). Recall, MAP and
     MRR are NaN for a query without a top-grade product; grade-order pairs come as counts
     (``goa_correct``/``goa_pairs``, and ``goa_gap_*`` for pairs at least ``goa_min_gap``
-    apart), since GOA is a ratio of sums."""
+    apart), since GOA is a ratio of sums; with ``grade_bins`` also the counts of
+    :func:`stage2_pairs`."""
     out: dict[str, dict[str, float]] = {}
     nan = float("nan")
     for qid, judged in qrels.items():
@@ -112,6 +168,8 @@ def per_query_metrics(
             m["goa_correct"], m["goa_pairs"] = grade_order_pairs(judged_scores[qid], judged)
             m["goa_gap_correct"], m["goa_gap_pairs"] = grade_order_pairs(
                 judged_scores[qid], judged, goa_min_gap)
+            if grade_bins:
+                m |= stage2_pairs(judged_scores[qid], judged, grade_bins, top_threshold)
         out[qid] = m
     return out
 
@@ -119,11 +177,12 @@ def per_query_metrics(
 def aggregate(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Means over queries (NaN entries left out); GOA as correct pairs over all pairs."""
     rows = list(per_query.values())
-    keys = [k for k in (rows[0] if rows else {}) if not k.startswith("goa_")]
+    counts = {f"{prefix}{part}" for prefix in PAIR_METRICS.values()
+              for part in ("correct", "pairs")}
+    keys = [k for k in (rows[0] if rows else {}) if k not in counts]
     out = {k: _mean([r[k] for r in rows if not np.isnan(r[k])]) for k in keys}
-    if any("goa_pairs" in r for r in rows):
-        for name, prefix in (("grade_order_accuracy", "goa_"),
-                             ("grade_order_accuracy_gap", "goa_gap_")):
+    for name, prefix in PAIR_METRICS.items():
+        if any(f"{prefix}pairs" in r for r in rows):
             pairs = sum(r.get(f"{prefix}pairs", 0) for r in rows)
             correct = sum(r.get(f"{prefix}correct", 0.0) for r in rows)
             out[name] = correct / pairs if pairs else float("nan")

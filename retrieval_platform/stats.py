@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval_platform.metrics import PAIR_METRICS
+
 
 @dataclass(frozen=True)
 class Difference:
@@ -38,11 +40,11 @@ def paired_bootstrap(
     """The difference b − a of ``metric`` with its 95 % paired bootstrap interval.
 
     ``a`` and ``b`` map query id -> per-query metrics (``metrics.per_query_metrics``). For
-    ``grade_order_accuracy`` / ``grade_order_accuracy_gap`` the per-query pair counts are used;
+    the pair-accuracy metrics (``metrics.PAIR_METRICS``) the per-query pair counts are used;
     otherwise queries where the metric is NaN (no top-grade product) are left out.
     """
     qids = [q for q in (queries if queries is not None else a) if q in a and q in b]
-    ratio = {"grade_order_accuracy": "goa_", "grade_order_accuracy_gap": "goa_gap_"}.get(metric)
+    ratio = PAIR_METRICS.get(metric)
     if ratio:
         num = np.array([[a[q][f"{ratio}correct"], b[q][f"{ratio}correct"]] for q in qids],
                        dtype=np.float64).reshape(-1, 2)  # (n, 2), even for no query

@@ -216,6 +216,59 @@ def test_roar_gradients_finite_at_low_temperature_and_saturated_scores():
     assert scores.grad.abs().sum() > 0
 
 
+def test_roar_products_three_groups_by_hand():
+    """Eq. 5'/6' on the row of test_roar_three_groups_by_hand: p = [0.4, 0.2 | 0.3 | 0.1],
+    grades [3, 3 | 2 | 1], τ_a = 1, γ = 0. ℓ = log(p / (1 − p)) = [log 2/3, log 1/4, log 3/7,
+    log 1/9]; the adjacent-group pairs (0, 2), (1, 2), (2, 3):
+    log(1 + 9/14) = 0.496437, log(1 + 12/7) = 0.998529 (the misordered pair), log(1 + 7/27) =
+    0.230524; C' = 3 -> 0.575163 (the group mean gives 0.461836: it orders group maxima).
+    With γ = 0.5 each margin drops by 0.5 a grade: log(1 + (9/14) e^0.5) = 0.755058, ..."""
+    scores = _scores_for([0.4, 0.2, 0.3, 0.1]).unsqueeze(0)
+    grades = torch.tensor([[3.0, 3.0, 2.0, 1.0]])
+    loss = roar_loss(scores, grades, _all(grades), tau=1.0, pairing="products")
+    assert_close(loss, torch.tensor(0.575163), atol=1e-5, rtol=0)
+    with_gamma = roar_loss(scores, grades, _all(grades), tau=1.0, gamma=0.5, pairing="products")
+    e = math.exp(0.5)
+    expected = (math.log(1 + 9 / 14 * e) + math.log(1 + 12 / 7 * e) + math.log(1 + 7 / 27 * e)) / 3
+    assert_close(with_gamma, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_roar_forms_agree_on_single_product_groups():
+    """With one product a group, P̂ = p and Eq. 5'/6' is Eq. 5-6, across a padded batch with
+    an empty grade between two groups and a query with one group."""
+    torch.manual_seed(1)
+    scores = torch.rand(3, 7) * 2 - 1
+    grades = torch.tensor([[3.0, 2.0, 1.0, 0, 0, 0, 0], [3.0, 1.0, 0, 0, 0, 0, 0],
+                           [2.0, 0, 0, 0, 0, 0, 0]])
+    graded = torch.tensor([[True] * 3 + [False] * 4, [True] * 2 + [False] * 5,
+                           [True] + [False] * 6])
+    present = graded | torch.tensor([[False] * 5 + [True] * 2] * 3)
+    for gamma in (0.0, 0.5):
+        for tau in (1.0, 0.01):
+            forms = [roar_loss(scores, grades, graded, tau=tau, gamma=gamma, present=present,
+                               pairing=pairing) for pairing in ("group_mean", "products")]
+            assert_close(forms[0], forms[1], atol=1e-5, rtol=1e-5)
+
+
+def test_roar_products_reach_the_misordered_member_of_a_group():
+    """At τ_a = 0.01 the group mean is its top member: the grade-3 product scored below the
+    grade-2 one gets ~no gradient from Eq. 5-6, and a real push up from Eq. 5'/6'."""
+    grades = torch.tensor([[3.0, 3.0, 2.0, 1.0]])
+    grads = {}
+    for pairing in ("group_mean", "products"):
+        scores = torch.tensor([[0.9, 0.5, 0.6, 0.1]], requires_grad=True)
+        roar_loss(scores, grades, _all(grades), tau=0.01, pairing=pairing).backward()
+        grads[pairing] = scores.grad[0, 1].item()
+    assert abs(grads["group_mean"]) < 1e-6
+    assert grads["products"] < -10  # descent raises its score
+
+
+def test_roar_rejects_an_unknown_pairing():
+    with pytest.raises(ValueError, match="pairing"):
+        roar_loss(torch.zeros(1, 2), torch.tensor([[2.0, 1.0]]), torch.ones(1, 2, dtype=bool),
+                  tau=1.0, pairing="pairs")
+
+
 def test_roar_prefers_the_right_order():
     """Lower loss when the scores follow the grades than when they invert them."""
     grades = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
@@ -229,6 +282,20 @@ def test_stage2_objective_is_contrastive_plus_beta_align():
                  torch.tensor(0.7))
 
 
+def test_margin_rule_spares_labelled_products():
+    """q = (1, 0); its positive c0 = (0.6, 0.8) scores 0.6, a judged low-grade c1 = (1, 0)
+    scores 1.0 > 0.6 + m: the margin rule masks it (loss 0) unless it is labelled, then
+    L₁ = log(1 + e^{(1.0 − 0.6)/τ}) = log(1 + e^4) = 4.018150 at τ = 0.1."""
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    masked = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.1, margin=0.1)
+    spared = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.1, margin=0.1,
+                                     labelled=torch.tensor([[True, True]]))
+    assert masked.loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert spared.loss.item() == pytest.approx(math.log(1 + math.e ** 4), abs=1e-4)
+    assert spared.margin_masked_fraction.item() == 0.0
+
+
 def test_accuracy_ignores_the_margin_rule():
     """c1 outscores q's positive c0 (1.0 vs 0.6): the margin rule masks it, so the loss is
     zero, but the query is still counted as a miss; a known duplicate is not."""
@@ -239,3 +306,37 @@ def test_accuracy_ignores_the_margin_rule():
     dup = masked_contrastive_loss(q, c, torch.tensor([0]), tau=0.1, margin=0.1,
                                   same_group=torch.tensor([[False, True]]))
     assert dup.accuracy.item() == 1.0
+
+
+def test_stage2_loss_wires_the_roar_options():
+    """stage2_loss (Eq. 7 on a gathered batch) passes pairing, the softmax row and the margin
+    exemption through: its align term is roar_loss's on the same scores, and a query's judged
+    low-grade product above its positive is masked by the margin rule only without
+    ``exempt_labelled``."""
+    from retrieval_platform.config import from_dict
+    from retrieval_platform.training.config import TrainConfig
+    from retrieval_platform.training.objectives import GlobalCandidates, stage2_loss
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    c = torch.nn.functional.normalize(torch.tensor(
+        [[0.8, 0.6], [0.7, 0.7], [1.0, 0.0], [0.1, 1.0], [0.5, 0.5], [0.5, -0.9]]), dim=1)
+    batch = GlobalCandidates(
+        queries=q, candidates=c, keys=torch.arange(6), groups=torch.arange(6),
+        positive_keys=torch.tensor([[0], [3]]), top=torch.tensor([0, 3]),
+        owner=torch.tensor([0, 0, 0, 1, 1, -1]), grade=torch.tensor([2.0, 1.0, 0.0, 2.0, 0.0, 0.0]))
+    graded = batch.owner[None, :] == torch.arange(2)[:, None]
+    grades = batch.grade[None, :].expand(2, -1)
+    for pairing in ("group_mean", "products"):
+        for row in ("batch", "graded"):
+            for exempt in (False, True):
+                cfg = from_dict(TrainConfig, {"stage": "roar", "loss": {
+                    "tau": 0.1, "margin": 0.1, "tau_align": 0.05, "beta": 0.5,
+                    "pairing": pairing, "align_softmax": row, "exempt_labelled": exempt}})
+                loss, metrics = stage2_loss(batch, cfg)
+                align = roar_loss(q @ c.T, grades, graded, tau=0.05, pairing=pairing,
+                                  present=graded if row == "graded" else None)
+                assert metrics["align_loss"] == pytest.approx(align.item(), abs=1e-6)
+                assert loss.item() == pytest.approx(
+                    metrics["contrastive_loss"] + 0.5 * align.item(), abs=1e-5)
+                # q0's judged grade-0 product c2 = (1, 0) scores 1.0 > 0.8 + m
+                assert (metrics["margin_masked_fraction"] == 0.0) == exempt

@@ -10,11 +10,15 @@ import pytest
 from retrieval_platform.catalog.schema import ESCI, HOMEDEPOT
 from retrieval_platform.metrics import (
     evaluate_rankings,
+    grade_bin,
     grade_order_pairs,
     mrr_at_k,
     ndcg_at_k,
+    per_query_metrics,
     recall_at_k,
+    stage2_pairs,
 )
+from retrieval_platform.stats import paired_bootstrap
 
 QRELS = {"q1": {"a": 3.0, "b": 2.0, "c": 0.0, "d": 3.0}}
 
@@ -51,6 +55,40 @@ def test_grade_order_accuracy_by_hand():
     assert grade_order_pairs(scores, QRELS["q1"]) == (2.5, 5)
     # Pairs at least one grade apart only: grades 3, 2, 2, 0 -> a-b, a-c, a-d, b-d, c-d.
     assert grade_order_pairs(scores, QRELS["q1"], min_gap=1.0)[1] == 5
+
+
+def test_stage2_pair_metrics_by_hand():
+    """Grades a3 b2 c0 d3, scores a .9, b .5, c .6, d .5 (as above).
+    Bins at edges [1, 2.5]: a2 b1 c0 d2. Bin pairs = the 5 grade pairs -> 2.5/5. Mid-vs-low
+    (bins differ, both below the top bin): (b, c) only, c outscores b -> 0/1.
+    Top grade's AUC (grade >= 3: a, d vs b, c): (a,b) (a,c) right, (d,b) tie, (d,c) wrong -> 2.5/4.
+    Edges [2.5]: a1 b0 c0 d1: bin pairs (a,b) (a,c) (b,d) (c,d) -> 2.5/4, no mid-vs-low pair."""
+    scores = {"a": 0.9, "b": 0.5, "c": 0.6, "d": 0.5}
+    assert grade_bin(np.array([1.0, 1.67, 2.0, 2.33, 2.5, 2.67, 3.0]), [1.8, 2.5]).tolist() == [
+        0, 0, 1, 1, 2, 2, 2]
+    three = stage2_pairs(scores, QRELS["q1"], [1.0, 2.5], top_threshold=3.0)
+    assert (three["bin_correct"], three["bin_pairs"]) == (2.5, 5)
+    assert (three["midlow_correct"], three["midlow_pairs"]) == (0.0, 1)
+    assert (three["auc_correct"], three["auc_pairs"]) == (2.5, 4)
+    two = stage2_pairs(scores, QRELS["q1"], [2.5], top_threshold=3.0)
+    assert (two["bin_correct"], two["bin_pairs"], two["midlow_pairs"]) == (2.5, 4, 0)
+
+
+def test_pair_metrics_aggregate_and_resample_as_ratios_of_sums():
+    """Two queries: 1 right of 1 mid-vs-low pair, 0 of 3 -> 1/4 (not the mean of 1 and 0);
+    the bootstrap difference of a system with itself is exactly 0."""
+    qrels = {"q1": {"a": 2.0, "b": 1.0}, "q2": {"c": 2.0, "d": 1.0, "e": 1.5, "f": 1.0}}
+    judged = {"q1": {"a": 0.9, "b": 0.1}, "q2": {"c": 0.1, "d": 0.2, "e": 0.15, "f": 0.3}}
+    out = evaluate_rankings({}, qrels, gain=HOMEDEPOT.gain, top_threshold=3.0,
+                            judged_scores=judged, grade_bins=[0.5, 1.75, 2.5])
+    # bins: a 2, b 1, c 2, d 1, e 1, f 1; the top bin is 3, so bins 2 vs 1 are mid-vs-low:
+    # (a,b) right; (c,d) (c,e) (c,f) wrong.
+    assert out["mid_low_accuracy"] == pytest.approx(1 / 4)
+    assert np.isnan(out["top_grade_auc"])  # no grade >= 3
+    pq = per_query_metrics({}, qrels, gain=HOMEDEPOT.gain, top_threshold=3.0,
+                           judged_scores=judged, grade_bins=[0.5, 1.75, 2.5])
+    same = paired_bootstrap(pq, pq, "mid_low_accuracy")
+    assert (same.delta, same.low, same.high, same.queries) == (0.0, 0.0, 0.0, 2)
 
 
 def test_evaluate_rankings_aggregates():

@@ -75,6 +75,9 @@ class EvaluateConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     query_batch_size: int = 64
     dims: list[int] = field(default_factory=list)  # also rank with the first d dims (Matryoshka)
+    # ascending grade edges (stage 2's data.grade_bins): also report bin-order and mid-vs-low
+    # accuracy (metrics.stage2_pairs); the top grade's AUC comes with them
+    grade_bins: list[float] | None = None
     # also rank with the queries encoded at these precisions (the serving encoder's options),
     # products as embedded: systems "NAME[q:int8]", ...
     query_precisions: list[Literal["fp32", "bf16", "int8", "auto"]] = field(
@@ -219,7 +222,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     scale = ds.scale
     per_query = {
         name: per_query_metrics(r.rankings, qrels, gain=scale.gain,
-                                top_threshold=scale.top_threshold, judged_scores=r.judged_scores)
+                                top_threshold=scale.top_threshold, judged_scores=r.judged_scores,
+                                grade_bins=cfg.grade_bins)
         for name, r in ranked.items()
     }
     results = {name: aggregate(per_query[name]) | {"seconds": round(ranked[name].seconds, 1)}

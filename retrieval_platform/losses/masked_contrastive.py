@@ -5,7 +5,8 @@
           margin rule:  sg[s(q_i, c_j)] > sg[s(q_i, p_i)] + m
           catalog rule: c_j is in the variant group of p_i        (``same_group``)
           label rule:   c_j is a labelled positive of q_i         (``known_positive``)
-        The own positive is never masked.
+        The own positive is never masked, and with ``labelled`` (stage 2) neither is a product
+        judged for q_i: a labelled product is never an unlabelled positive.
     (3) L₁ = −(1/B) Σ_i log( exp(z_ii) / (exp(z_ii) + Σ_{j ≠ i, unmasked} exp(z_ij)) )
 
 The margin rule drops only candidates that score clearly ABOVE the labelled positive: such a
@@ -48,6 +49,7 @@ def masked_contrastive_loss(
     margin: float | None,
     same_group: torch.Tensor | None = None,
     known_positive: torch.Tensor | None = None,
+    labelled: torch.Tensor | None = None,
 ) -> ContrastiveLossOutput:
     """Eq. 1–3 of METHOD.md.
 
@@ -60,6 +62,9 @@ def masked_contrastive_loss(
         margin: m of the margin rule; None disables the rule.
         same_group: optional (B, N) bool, c_j in the variant group of p_i (catalog rule).
         known_positive: optional (B, N) bool, c_j a labelled positive of q_i (label rule).
+        labelled: optional (B, N) bool, c_j judged for q_i: exempt from the margin rule (a
+            judged low-grade product that outscores the positive is a hard negative to learn
+            from, not a false negative).
     """
     B, N = q.shape[0], c.shape[0]
     with torch.autocast(q.device.type, enabled=False):
@@ -77,6 +82,8 @@ def masked_contrastive_loss(
             known |= known_positive
         known &= ~own
         margin_mask &= ~own
+        if labelled is not None:
+            margin_mask &= ~labelled
         mask = margin_mask | known
         accuracy = (scores.masked_fill(known, float("-inf")).argmax(dim=1) == positive).float()
     logits = (scores / tau).masked_fill(mask, float("-inf"))  # (B, N)

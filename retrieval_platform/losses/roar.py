@@ -10,6 +10,16 @@ dropped; K_i and the group sizes vary between queries):
         C = the number of adjacent group pairs in the batch (C = 0 gives 0)
     (7) L₂ = L₁ + β · L_align                          (β = 0.1, τ_a = 0.01, γ = 0 in the paper)
 
+``pairing="products"`` is Eq. 5'/6', the paper's Δ read literally on product pairs: for each
+adjacent pair of non-empty groups and each a ∈ G_{i,k}, b ∈ G_{i,k+1},
+
+    (5') ℓ_ia = log p_ia − log(1 − p_ia)
+    (6') L_align = −(1/C') Σ log σ( ℓ_ia − ℓ_ib − γ (g_a − g_b) ),  C' = the batch's such pairs
+
+With one product a group the two forms are the same. At τ_a = 0.01 a group's mean probability
+is its top-scored member's, so the group-mean form orders group maxima; the product form gives
+every misordered pair its gradient.
+
 It extends Bradley–Terry (Bradley & Terry, 1952; as a preference loss: Rafailov et al., 2023,
 DPO; odds ratios: Hong et al., 2024, ORPO) from pairs to variable-sized graded groups: with one
 product per group and small probabilities the normaliser cancels, ℓ_a − ℓ_b ≈ (s_a − s_b)/τ_a,
@@ -22,6 +32,8 @@ log1mexp returns −∞ there at τ_a = 0.01 and scores of ±1). Everything runs
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +49,9 @@ def roar_loss(
     tau: float,
     gamma: float = 0.0,
     present: torch.Tensor | None = None,
+    pairing: Literal["group_mean", "products"] = "group_mean",
 ) -> torch.Tensor:
-    """L_align of Eq. 4–6 (METHOD.md).
+    """L_align of Eq. 4–6 (METHOD.md), or of Eq. 4, 5', 6' with ``pairing="products"``.
 
     Args:
         scores: (Q, N) cosine similarities S_i of each query to every candidate of the batch.
@@ -48,22 +61,27 @@ def roar_loss(
         gamma: γ of Eq. 6, a margin per grade step (0 in the paper).
         present: (Q, N) bool or None (= all): the entries in row i's softmax (padding is not
             present). Graded entries are always present.
+        pairing: ``"group_mean"`` (Eq. 5–6: adjacent groups' mean probabilities) or
+            ``"products"`` (Eq. 5'/6': every product pair of adjacent groups).
     """
+    if pairing not in ("group_mean", "products"):
+        raise ValueError(f"pairing {pairing!r}: 'group_mean' or 'products'")
     with torch.autocast(scores.device.type, enabled=False):
-        return _roar_fp32(scores.float(), grades.float(), graded.bool(), tau, gamma,
-                          None if present is None else present.bool())
+        scores, grades, graded = scores.float(), grades.float(), graded.bool()
+        present = graded | (torch.ones_like(graded) if present is None else present.bool())
+        logits = (scores / tau).masked_fill(~present, _NEG)  # (Q, N)
+        logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (Q, N)  Eq. 4
+        pairs = _product_pairs if pairing == "products" else _group_mean_pairs
+        return pairs(logp, grades, graded, present, gamma)
 
 
-def _roar_fp32(scores: torch.Tensor, grades: torch.Tensor, graded: torch.Tensor, tau: float,
-               gamma: float, present: torch.Tensor | None) -> torch.Tensor:
-    present = graded | (torch.ones_like(graded) if present is None else present)  # (Q, N)
-    logits = (scores / tau).masked_fill(~present, _NEG)  # (Q, N)
-    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (Q, N)  Eq. 4
-
+def _group_mean_pairs(logp: torch.Tensor, grades: torch.Tensor, graded: torch.Tensor,
+                      present: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 5–6 on the row log-probabilities ``logp`` (Q, N)."""
     levels = torch.unique(grades[graded]).flip(0)  # (U,) best first
     U = levels.numel()
     if U < 2:
-        return scores.sum() * 0.0
+        return logp.sum() * 0.0
     member = (grades.unsqueeze(-1) == levels) & graded.unsqueeze(-1)  # (Q, N, U)
     size = member.sum(1)  # (Q, U)
     n = size.clamp(min=1).to(logp.dtype)  # (Q, U)
@@ -82,15 +100,48 @@ def _roar_fp32(scores: torch.Tensor, grades: torch.Tensor, graded: torch.Tensor,
     nonempty = size > 0  # (Q, U)
     order = torch.argsort((~nonempty).to(torch.int8), dim=1, stable=True)  # (Q, U)
     ell = log_odds.gather(1, order)  # (Q, U)
-    g = levels.to(scores.dtype)[order]  # (Q, U)
+    g = levels.to(logp.dtype)[order]  # (Q, U)
     ok = nonempty.gather(1, order)  # (Q, U)
     pair_ok = ok[:, :-1] & ok[:, 1:]  # (Q, U-1)
     margins = (ell[:, :-1] - ell[:, 1:]) - gamma * (g[:, :-1] - g[:, 1:])  # (Q, U-1)  Δ − γΔg
     terms = -F.logsigmoid(margins) * pair_ok  # (Q, U-1)  Eq. 6
     C = pair_ok.sum()
     if C == 0:
-        return scores.sum() * 0.0
+        return logp.sum() * 0.0
     return terms.sum() / C
+
+
+def _product_pairs(logp: torch.Tensor, grades: torch.Tensor, graded: torch.Tensor,
+                   present: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 5'/6' on the row log-probabilities ``logp`` (Q, N): each row's graded entries are
+    moved to the front (M of them at most), so the pair tensors are (Q, M, M), not (Q, N, N)."""
+    N = logp.shape[1]
+    M = int(graded.sum(1).max()) if graded.numel() else 0
+    if M < 2:
+        return logp.sum() * 0.0
+    cols = torch.argsort((~graded).to(torch.int8), dim=1, stable=True)[:, :M]  # (Q, M)
+    valid = graded.gather(1, cols)  # (Q, M)
+    lp = logp.gather(1, cols)  # (Q, M)
+    g = grades.gather(1, cols)  # (Q, M)
+    # Eq. 5': log(1 − p_ia) as the log of the row's other present mass (exact where p → 1).
+    others = present.unsqueeze(1) & (torch.arange(N, device=logp.device) != cols.unsqueeze(-1))
+    log_1m_p = torch.logsumexp(logp.unsqueeze(1).masked_fill(~others, _NEG), dim=2)  # (Q, M)
+    ell = lp - log_1m_p  # (Q, M)
+
+    # A product's group rank among its query's non-empty groups (0 = best): adjacent groups
+    # are ranks k and k + 1, whatever grades lie empty between them.
+    levels = torch.unique(g[valid]).flip(0)  # (U,) best first
+    member = (g.unsqueeze(-1) == levels) & valid.unsqueeze(-1)  # (Q, M, U)
+    level_rank = member.any(1).cumsum(1) - 1  # (Q, U)
+    rank = level_rank.gather(1, member.to(torch.int8).argmax(-1))  # (Q, M)
+    pair = (valid.unsqueeze(2) & valid.unsqueeze(1)
+            & (rank.unsqueeze(1) == rank.unsqueeze(2) + 1))  # (Q, M, M)  a ≻ b, adjacent
+    margins = (ell.unsqueeze(2) - ell.unsqueeze(1)
+               - gamma * (g.unsqueeze(2) - g.unsqueeze(1)))  # (Q, M, M)  Δ_iab − γΔg
+    C = pair.sum()
+    if C == 0:
+        return logp.sum() * 0.0
+    return (-F.logsigmoid(margins) * pair).sum() / C  # Eq. 6'
 
 
 def roar_objective(contrastive: torch.Tensor, align: torch.Tensor, *, beta: float) -> torch.Tensor:

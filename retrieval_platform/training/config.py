@@ -71,6 +71,13 @@ class LossConfig:
     tau_align: float = 0.01  # τ_a, Eq. 4 (paper: 0.01)
     gamma: float = 0.0  # γ, Eq. 6: margin per grade step (paper: 0)
     beta: float = 0.1  # β, Eq. 7: weight of L_align next to L₁ (paper: 0.1)
+    # Eq. 5-6 on adjacent groups' mean probabilities, or Eq. 5'/6' on every product pair of
+    # adjacent groups (the paper's Δ read literally)
+    pairing: Literal["group_mean", "products"] = "group_mean"
+    # Eq. 4's row: every candidate of the batch, or only the query's own graded products
+    align_softmax: Literal["batch", "graded"] = "batch"
+    # stage 2: the margin rule (Eq. 2) never masks a query's own judged products
+    exempt_labelled: bool = False
     # Matryoshka: the losses are also summed over the first d dimensions, renormalised (METHOD.md
     # "Encoder"; the paper serves 256). null: full dimension only.
     matryoshka_dims: list[int] | None = None

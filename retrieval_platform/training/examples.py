@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.errors import PlatformError
+from retrieval_platform.metrics import grade_bin
 from retrieval_platform.training.mining import read_negatives
 
 
@@ -185,10 +186,8 @@ def roar_examples(
     judged = {q: list(j.items()) for q, j in ds.qrels(split).items()}
     mined = read_negatives(negatives_path) if mined_per_query else {}
 
-    edges = sorted(grade_bins or [])
-
     def group_grade(g: float) -> float:
-        return float(np.searchsorted(edges, g, side="right")) if edges else g
+        return float(grade_bin(g, grade_bins)) if grade_bins else g
 
     rows: dict[str, list] = defaultdict(list)
     for qid in sorted(judged):

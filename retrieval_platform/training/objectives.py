@@ -61,9 +61,11 @@ def known_positive(cand_keys: torch.Tensor, pos_keys: torch.Tensor) -> torch.Ten
     return (hit & (pos_keys[:, None, :] != -1)).any(-1)  # (B, N)
 
 
-def masked_l1(batch: GlobalCandidates, cfg: TrainConfig, rows: torch.Tensor | None = None):
+def masked_l1(batch: GlobalCandidates, cfg: TrainConfig, rows: torch.Tensor | None = None,
+              labelled: torch.Tensor | None = None):
     """Eq. 1–3 for the queries ``rows`` (default: all) against every candidate, with the catalog
-    and label rules built from the keys; each query's positive is ``batch.top``."""
+    and label rules built from the keys; each query's positive is ``batch.top``. ``labelled``
+    (B, N): the products judged for each of those queries, spared by the margin rule."""
     q, positive, pos_keys = batch.queries, batch.top, batch.positive_keys
     if rows is not None:
         q, positive, pos_keys = q[rows], positive[rows], pos_keys[rows]
@@ -72,7 +74,7 @@ def masked_l1(batch: GlobalCandidates, cfg: TrainConfig, rows: torch.Tensor | No
     known = known_positive(batch.keys, pos_keys) if cfg.loss.label_rule else None
     return masked_contrastive_loss(q, batch.candidates, positive, tau=cfg.loss.tau,
                                    margin=cfg.loss.margin, same_group=same_group,
-                                   known_positive=known)
+                                   known_positive=known, labelled=labelled)
 
 
 def matryoshka_dims(cfg: TrainConfig, full: int) -> list[int | None]:
@@ -230,13 +232,16 @@ def stage2_loss(batch: GlobalCandidates, cfg: TrainConfig) -> tuple[torch.Tensor
         scores = q.float() @ c.float().T  # (Q, N)
     graded = batch.owner[None, :] == torch.arange(Q, device=q.device)[:, None]  # (Q, N)
     grades = batch.grade[None, :].expand(Q, -1)  # (Q, N)
-    l_align = roar_loss(scores, grades, graded, tau=cfg.loss.tau_align, gamma=cfg.loss.gamma)
+    l_align = roar_loss(scores, grades, graded, tau=cfg.loss.tau_align, gamma=cfg.loss.gamma,
+                        present=graded if cfg.loss.align_softmax == "graded" else None,
+                        pairing=cfg.loss.pairing)
     metrics = {"align_loss": l_align.item()}
     rows = torch.nonzero(batch.top >= 0).squeeze(1)  # queries with a positive top group
     if rows.numel():
-        out = masked_l1(batch, cfg, rows)
+        out = masked_l1(batch, cfg, rows, graded[rows] if cfg.loss.exempt_labelled else None)
         l1 = out.loss
         metrics |= {"contrastive_loss": l1.item(), "masked_fraction": out.masked_fraction.item(),
+                    "margin_masked_fraction": out.margin_masked_fraction.item(),
                     "in_batch_accuracy": out.accuracy.item()}
     else:
         l1 = scores.sum() * 0.0
