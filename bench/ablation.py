@@ -69,7 +69,8 @@ CONFIG = AblationConfig
 
 
 def validate(cfg: AblationConfig) -> None:
-    """Every arm an arm refers to comes before it; stage 2 starts from a trained arm."""
+    """Every arm an arm refers to comes before it; stage 2 starts from a trained arm; every
+    arm's overrides load into its stage's config (a typo fails now, not hours in)."""
     seen: dict[str, Arm] = {}
     for arm in cfg.arms:
         for ref in [arm.negatives_from, *arm.compare]:
@@ -77,6 +78,8 @@ def validate(cfg: AblationConfig) -> None:
                 raise ValueError(f"arm {arm.name}: {ref!r} is not an earlier arm")
         if arm.kind == "stage2" and seen.get(arm.init, Arm("", "zero_shot")).kind == "zero_shot":
             raise ValueError(f"arm {arm.name}: stage 2 starts from a trained arm, not {arm.init}")
+        if arm.kind in ("stage1", "stage2"):
+            load_config(TrainConfig, cfg.stage1 if arm.kind == "stage1" else cfg.stage2, arm.set)
         seen[arm.name] = arm
     if cfg.noise_band and (len(cfg.noise_band) != 2 or not set(cfg.noise_band) <= set(seen)):
         raise ValueError(f"noise_band {cfg.noise_band}: two of the arms")

@@ -76,8 +76,10 @@ class LossConfig:
     pairing: Literal["group_mean", "products"] = "group_mean"
     # Eq. 4's row: every candidate of the batch, or only the query's own graded products
     align_softmax: Literal["batch", "graded"] = "batch"
-    # stage 2: the margin rule (Eq. 2) never masks a query's own judged products
-    exempt_labelled: bool = False
+    # stage 2: the margin rule (Eq. 2) never masks a query's own judged products (a labelled
+    # product is never an unlabelled positive; 2.6 % of them outscore the positive by > m under
+    # the Home Depot stage-1 model, bench/stage2_margin.py)
+    exempt_labelled: bool = True
     # Matryoshka: the losses are also summed over the first d dimensions, renormalised (METHOD.md
     # "Encoder"; the paper serves 256). null: full dimension only.
     matryoshka_dims: list[int] | None = None
