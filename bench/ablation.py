@@ -173,9 +173,12 @@ def summarize(cfg: AblationConfig) -> str:
     band = ({k: paired_bootstrap(pq[cfg.noise_band[0]], pq[cfg.noise_band[1]], k)
              for k in metrics} if len(cfg.noise_band) == 2
             and set(cfg.noise_band) <= set(pq) else {})
-    texts = next(iter(systems.values()))["report"]["query_text"]
+    first = next(iter(systems.values()))["report"]
+    texts = first["query_text"]
+    searched = ("full-corpus retrieval" if first.get("full_corpus", True) else
+                f"a sampled corpus of {first['products']:,} products (every judged one included)")
     lines = [f"# Ablation on {cfg.prepared_dir}, split {cfg.split}", "",
-             f"{len(texts)} queries, full-corpus retrieval. Δ = row − reference, 95 % paired "
+             f"{len(texts)} queries, {searched}. Δ = row − reference, 95 % paired "
              "bootstrap interval over queries (2,000 resamples). GOA_gap: pairs ≥ 1 grade apart."
              + (" Bold: beyond the seed band (interval excludes 0 and |Δ| > the band's "
                 "detectable effect)." if band else ""),

@@ -88,12 +88,14 @@ def grade_order_pairs(scores: Mapping[str, float], judged: Judged,
                       min_gap: float = 0.0) -> tuple[float, int]:
     """(correctly ordered pairs, ties counting 0.5; number of pairs whose grades differ by more
     than ``min_gap``, or at all when it is 0)."""
-    return ordered_pairs(scores, judged, lambda g: np.abs(g[:, None] - g[None, :])
-                         >= min_gap - 1e-9 if min_gap > 0 else None)
+    def at_least_min_gap(g: np.ndarray) -> np.ndarray:
+        return np.abs(g[:, None] - g[None, :]) >= min_gap - 1e-9
+
+    return ordered_pairs(scores, judged, at_least_min_gap if min_gap > 0 else None)
 
 
 def ordered_pairs(scores: Mapping[str, float], judged: Judged,
-                  select: Callable[[np.ndarray], np.ndarray | None] | None = None
+                  select: Callable[[np.ndarray], np.ndarray] | None = None
                   ) -> tuple[float, int]:
     """(correctly ordered pairs, ties counting 0.5; number of pairs) over the pairs of judged
     products with different grades that ``select(grades)`` (n, n) bool keeps (None: all)."""
@@ -103,9 +105,8 @@ def ordered_pairs(scores: Mapping[str, float], judged: Judged,
     dg = np.sign(g[:, None] - g[None, :])  # (n, n)
     ds = np.sign(s[:, None] - s[None, :])  # (n, n)
     upper = np.triu(np.ones_like(dg, dtype=bool), 1) & (dg != 0)
-    keep = select(g) if select is not None else None
-    if keep is not None:
-        upper &= keep
+    if select is not None:
+        upper &= select(g)
     total = int(upper.sum())
     correct = float((dg[upper] == ds[upper]).sum() + 0.5 * (ds[upper] == 0).sum())
     return correct, total
