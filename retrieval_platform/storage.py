@@ -98,6 +98,20 @@ def write_text(location: str | Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a file in one step (one PUT on object storage, a rename on a local disk)."""
+    if is_remote(location):
+        filesystem, path = _filesystem(str(location))
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    path = Path(_local(location))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def list_files(location: str | Path) -> dict[str, int]:
     """Every file below ``location``: its path relative to it -> its size in bytes."""
     if not is_remote(location):

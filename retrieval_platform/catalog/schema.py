@@ -25,6 +25,7 @@ PRODUCT_SCHEMA = pa.schema(
         pa.field("category", pa.string()),  # path, "Home > Kitchen > Kettles"
         pa.field("attributes", pa.map_(pa.string(), pa.string())),
         pa.field("price", pa.float64()),
+        pa.field("in_stock", pa.bool_()),  # null: the source does not say (taken as in stock)
         pa.field("variant_group", pa.string()),  # family id given by the source, if any
     ]
 )

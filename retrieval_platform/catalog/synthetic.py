@@ -294,6 +294,7 @@ def generate_catalog(
             "category": fams.cat_of,
             "attributes": [list(a.items()) for a in fams.attrs_of],
             "price": fams.price_of,
+            "in_stock": [None] * len(fams.pid),
             "variant_group": [f"F{f:07d}" for f in fams.fam_of],
         },
         schema=PRODUCT_SCHEMA,

@@ -128,6 +128,23 @@ def _price(row: Mapping[str, Any]) -> float | None:
     return float(value)
 
 
+_TRUE, _FALSE = {"true", "1", "yes", "y", "t"}, {"false", "0", "no", "n", "f"}
+
+
+def _in_stock(row: Mapping[str, Any]) -> bool | None:
+    value = row.get("in_stock")
+    if isinstance(value, bytes | str):
+        text = _decode("in_stock", value).strip().lower()
+        if not text:
+            return None
+        if text not in _TRUE | _FALSE:
+            raise RowError(f"in_stock: expected true or false ({text[:40]!r})")
+        return text in _TRUE
+    if value is None or isinstance(value, bool):
+        return value
+    raise RowError(f"in_stock: expected true or false, got {type(value).__name__}")
+
+
 def _attributes(row: Mapping[str, Any]) -> list[tuple[str, str]] | None:
     value = row.get("attributes")
     if isinstance(value, bytes | str):
@@ -171,6 +188,30 @@ def _raw_json(row: Mapping[str, Any]) -> str:
 
     return json.dumps({k: v for k, v in row.items() if k != RECORD}, default=enc,
                       ensure_ascii=False)
+
+
+def validate_product(row: Mapping[str, Any], *, max_product_chars: int = 512) -> dict[str, Any]:
+    """One product record (canonical field names) validated, normalised and rendered into the
+    encoder's text: the one rule for a prepared catalog and for live writes (the serving
+    index's ``PUT /products/{id}``). Raises :class:`RowError` naming the field."""
+    product_id = _identifier(row, "product_id")
+    title = _text(row, "title", required=True, max_chars=MAX_TEXT_CHARS)
+    description = _text(row, "description", required=False, max_chars=MAX_TEXT_CHARS)
+    brand = _text(row, "brand", required=False, max_chars=MAX_ID_CHARS)
+    category = _text(row, "category", required=False, max_chars=MAX_TEXT_CHARS)
+    attributes = _attributes(row)
+    price = _price(row)
+    in_stock = _in_stock(row)
+    group = row.get("variant_group")
+    group = _identifier(row, "variant_group") if group not in (None, b"", "") else None
+    text = render_product_text(
+        title, brand=brand, category=category, attributes=dict(attributes or ()),
+        description=description, max_chars=max_product_chars,
+    )
+    return {"product_id": product_id, "title": title, "description": description,
+            "brand": brand, "category": category, "attributes": attributes, "price": price,
+            "in_stock": in_stock,
+            "variant_group": group, "text": text, "title_key": title_key(title)}
 
 
 class RowValidator:
@@ -226,22 +267,7 @@ class RowValidator:
         return pa.Table.from_pylist(rows, schema=self.out_schema)
 
     def _product(self, row: dict[str, Any]) -> dict[str, Any]:
-        product_id = _identifier(row, "product_id")
-        title = _text(row, "title", required=True, max_chars=MAX_TEXT_CHARS)
-        description = _text(row, "description", required=False, max_chars=MAX_TEXT_CHARS)
-        brand = _text(row, "brand", required=False, max_chars=MAX_ID_CHARS)
-        category = _text(row, "category", required=False, max_chars=MAX_TEXT_CHARS)
-        attributes = _attributes(row)
-        price = _price(row)
-        group = row.get("variant_group")
-        group = _identifier(row, "variant_group") if group not in (None, b"", "") else None
-        text = render_product_text(
-            title, brand=brand, category=category, attributes=dict(attributes or ()),
-            description=description, max_chars=self.max_product_chars,
-        )
-        return {"product_id": product_id, "title": title, "description": description,
-                "brand": brand, "category": category, "attributes": attributes, "price": price,
-                "variant_group": group, "text": text, "title_key": title_key(title)}
+        return validate_product(row, max_product_chars=self.max_product_chars)
 
     def _query(self, row: dict[str, Any]) -> dict[str, Any]:
         text = _text(row, "text", required=True, max_chars=MAX_QUERY_CHARS)

@@ -20,7 +20,7 @@ class BM25Retriever:
 
     def __init__(self, product_ids: Sequence[str], texts: Sequence[str] | None = None, *,
                  k1: float = 1.5, b: float = 0.75, language: str = "english",
-                 index: bm25s.BM25 | None = None) -> None:
+                 index: bm25s.BM25 | None = None, avg_doc_len: float | None = None) -> None:
         self.product_ids = list(product_ids)
         self.language = language
         self.stemmer = Stemmer.Stemmer(language)
@@ -28,8 +28,16 @@ class BM25Retriever:
             if texts is None:
                 raise ValueError("give texts to index, or a loaded index")
             index = bm25s.BM25(k1=k1, b=b)
-            index.index(self._tokenize(texts), show_progress=False)
+            tokenized = self._tokenize(texts)
+            # as bm25s computes it; kept so that live writes score new documents alike
+            avg_doc_len = float(np.mean([len(d) for d in tokenized.ids])) if texts else 1.0
+            index.index(tokenized, show_progress=False)
         self.index = index
+        self.avg_doc_len = avg_doc_len  # None: an index saved before it was recorded
+
+    def terms(self, text: str) -> list[str]:
+        """The terms BM25 indexes of ``text`` (stopwords dropped, stemmed)."""
+        return self._tokenize([text], return_ids=False)[0]
 
     def _tokenize(self, texts: Sequence[str], return_ids: bool = True):
         return bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer,
@@ -77,6 +85,7 @@ class BM25Retriever:
         path.mkdir(parents=True, exist_ok=True)
         self.index.save(str(path), show_progress=False)  # npy + json, no pickle
         (path / IDS_FILE).write_text(json.dumps({"language": self.language,
+                                                 "avg_doc_len": self.avg_doc_len,
                                                  "product_ids": self.product_ids}))
 
     @classmethod
@@ -84,4 +93,5 @@ class BM25Retriever:
         path = Path(path)
         meta = json.loads((path / IDS_FILE).read_text())
         index = bm25s.BM25.load(str(path), allow_pickle=False, show_progress=False)
-        return cls(meta["product_ids"], language=meta["language"], index=index)
+        return cls(meta["product_ids"], language=meta["language"], index=index,
+                   avg_doc_len=meta.get("avg_doc_len"))

@@ -56,6 +56,9 @@ class BuildIndexConfig:
     dim: int | None = None
     # how hybrid requests fuse the dense and BM25 lists (evaluation picks it on dev)
     fusion: Fusion = field(default_factory=Fusion)
+    # the last change of the catalog's change log the prepared catalog contains (compaction
+    # sets it); the version's replicas replay the log after it
+    log_position: int = 0
 
 
 def build_version(cfg: BuildIndexConfig) -> IndexManifest:
@@ -91,7 +94,8 @@ def build_version(cfg: BuildIndexConfig) -> IndexManifest:
             dataset=DatasetRef(path=ds.location, grade_scale=ds.scale.name),
             metric="inner_product", dim=int(xb.shape[1]), params=cfg.params,
             num_products=len(xb), shards=shards, bm25=bm25_files, fusion=cfg.fusion,
-            config=to_dict(cfg), wall_seconds=round(time.perf_counter() - started, 2))
+            config=to_dict(cfg), wall_seconds=round(time.perf_counter() - started, 2),
+            log_position=cfg.log_position)
         write_json(tmp / "manifest.json", manifest.to_json())
     storage.write_text(storage.join(cfg.output_root, "LATEST"), version + "\n")
     manifest.path = storage.canonical(target)

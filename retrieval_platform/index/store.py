@@ -44,7 +44,7 @@ from retrieval_platform.retrievers.hybrid import Fusion
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-META_COLUMNS = ["product_id", "title", "category", "price"]
+META_COLUMNS = ["product_id", "title", "category", "price", "in_stock"]
 
 
 class IndexLoadError(PlatformError):
@@ -114,6 +114,9 @@ class IndexManifest:
     fusion: Fusion  # how hybrid requests fuse dense and BM25 (chosen on dev)
     config: dict[str, Any]  # the build config, as given
     wall_seconds: float
+    # the last change of the catalog's change log this version contains (0: none; a compacted
+    # version folds changes 1..log_position in); replicas replay the log after it
+    log_position: int = 0
     path: str = field(default="", compare=False)  # not written: set where it is read
 
     @classmethod
@@ -252,15 +255,17 @@ def load_bm25(path: str | Path) -> tuple[BM25Retriever, pa.Table]:
 
 @dataclass(frozen=True)
 class CatalogFilter:
-    """Request filters: category path prefix (case-insensitive) and a price range."""
+    """Request filters: category path prefix (case-insensitive), a price range, in stock."""
 
     category: str | None = None
     price_min: float | None = None
     price_max: float | None = None
+    in_stock: bool | None = None  # true: not marked out of stock (unknown counts as in stock)
 
     @property
     def empty(self) -> bool:
-        return self.category is None and self.price_min is None and self.price_max is None
+        return (self.category is None and self.price_min is None and self.price_max is None
+                and self.in_stock is None)
 
     def mask(self, meta: pa.Table) -> np.ndarray:
         keep = pa.array(np.ones(meta.num_rows, dtype=bool))
@@ -273,4 +278,8 @@ class CatalogFilter:
         if self.price_max is not None:
             keep = pc.and_(keep, pc.fill_null(pc.less_equal(meta["price"], self.price_max),
                                               False))
+        if self.in_stock is not None:
+            stock = (pc.fill_null(meta["in_stock"], True) if "in_stock" in meta.column_names
+                     else pa.array(np.ones(meta.num_rows, dtype=bool)))
+            keep = pc.and_(keep, stock if self.in_stock else pc.invert(stock))
         return np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)

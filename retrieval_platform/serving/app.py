@@ -14,6 +14,7 @@ from retrieval_platform.cluster import require_gpus
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.store import IndexManifest, load_manifest
 from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
+from retrieval_platform.serving.writer import CatalogWriter
 
 
 class EncoderArgs(BaseModel):
@@ -71,6 +72,19 @@ class AppArgs(BaseModel):
                                      "secret); with neither, no key is needed")
     max_body_bytes: int = Field(16_384, ge=256)
     request_timeout_s: float = Field(10.0, gt=0)
+    # live catalog writes (PUT/PATCH/DELETE /products/{id}, POST /products:bulk)
+    write_key_env: str | None = Field(None, description="environment variable holding the "
+                                      "write key; with neither it nor write_key_file the "
+                                      "deployment is read-only (writes answer 403)")
+    write_key_file: str | None = Field(None, description="file holding the write key")
+    max_write_body_bytes: int = Field(4 << 20, ge=1024)
+    max_bulk_items: int = Field(1000, ge=1)
+    write_timeout_s: float = Field(60.0, gt=0, description="a write's embedding and logging")
+    writer_cpus: float = Field(0.1, gt=0)
+    writer_max_batch_size: int = Field(256, ge=1, description="concurrent writes grouped "
+                                       "into one embedding call and one log segment")
+    log_poll_interval_s: float = Field(0.05, gt=0, description="how often every shard and "
+                                       "BM25 replica looks for new changes in the log")
 
     @model_validator(mode="after")
     def _replicas(self) -> AppArgs:
@@ -81,7 +95,7 @@ class AppArgs(BaseModel):
 
 # Deployment names: the Serve config's overrides and the version swap (control.py) address
 # deployments by these.
-ENCODER, LEXICAL, INGRESS = "QueryEncoder", "Lexical", "Ingress"
+ENCODER, LEXICAL, INGRESS, WRITER = "QueryEncoder", "Lexical", "Ingress", "CatalogWriter"
 
 
 def shard_name(i: int) -> str:
@@ -98,20 +112,21 @@ def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | Non
     return loaded, active
 
 
-def _api_key(args: AppArgs) -> str | None:
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env, "").strip()
+def read_secret(env: str | None, file: str | None, what: str) -> str | None:
+    """A key from an environment variable or a file (a mounted secret); None: neither set."""
+    if env:
+        key = os.environ.get(env, "").strip()
         if not key:
-            raise PlatformError(f"api_key_env={args.api_key_env}: that environment variable is "
-                                "not set (or empty) where the application is built")
+            raise PlatformError(f"{what}_env={env}: that environment variable is not set (or "
+                                "empty) where the application is built")
         return key
-    if args.api_key_file:
+    if file:
         try:
-            key = Path(args.api_key_file).read_text().strip()
+            key = Path(file).read_text().strip()
         except OSError as exc:
-            raise PlatformError(f"api_key_file: cannot read {args.api_key_file} ({exc})") from None
+            raise PlatformError(f"{what}_file: cannot read {file} ({exc})") from None
         if not key:
-            raise PlatformError(f"api_key_file: {args.api_key_file} is empty")
+            raise PlatformError(f"{what}_file: {file} is empty")
         return key
     return None
 
@@ -123,7 +138,10 @@ def build_app(args: AppArgs) -> Application:
     manifest = load_manifest(args.index)
     if args.lexical and not manifest.bm25:
         raise PlatformError(f"{args.index}: built without bm25; set lexical: false or rebuild")
-    api_key = _api_key(args)
+    api_key = read_secret(args.api_key_env, args.api_key_file, "api_key")
+    write_key = read_secret(args.write_key_env, args.write_key_file, "write_key")
+    if write_key is not None and write_key == api_key:
+        raise PlatformError("the write key must differ from the read key")
     loaded, active = version_user_configs(manifest)
     e = args.encoder
     require_gpus(e.gpus, "encoder.gpus")
@@ -140,17 +158,26 @@ def build_app(args: AppArgs) -> Application:
     shards = [
         IndexShard.options(name=shard_name(i), num_replicas=args.shard_replicas, user_config=loaded,
                            max_ongoing_requests=args.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": args.shard_cpus}).bind(i)
+                           ray_actor_options={"num_cpus": args.shard_cpus})
+        .bind(i, args.log_poll_interval_s)
         for i in range(len(manifest.shards))
     ]
     lexical = (LexicalIndex.options(name=LEXICAL, user_config=loaded,
                                     num_replicas=args.lexical_replicas,
-                                    ray_actor_options={"num_cpus": args.lexical_cpus}).bind()
+                                    ray_actor_options={"num_cpus": args.lexical_cpus})
+               .bind(args.log_poll_interval_s)
                if args.lexical else None)
+    # one writer: the log's sequence numbers are dense and ordered
+    writer = (CatalogWriter.options(name=WRITER, num_replicas=1, user_config=loaded,
+                                    max_ongoing_requests=4 * args.writer_max_batch_size,
+                                    ray_actor_options={"num_cpus": args.writer_cpus})
+              .bind(encoder, args.writer_max_batch_size) if write_key else None)
     return Ingress.options(
         name=INGRESS, num_replicas=args.ingress_replicas, user_config=active,
         max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
-    ).bind(encoder, shards, lexical, api_key=api_key, max_body_bytes=args.max_body_bytes,
-           timeout_s=args.request_timeout_s, max_batch_size=args.ingress_max_batch_size,
+    ).bind(encoder, shards, lexical, writer, api_key=api_key, write_key=write_key,
+           max_body_bytes=args.max_body_bytes, max_write_body_bytes=args.max_write_body_bytes,
+           max_bulk_items=args.max_bulk_items, timeout_s=args.request_timeout_s,
+           write_timeout_s=args.write_timeout_s, max_batch_size=args.ingress_max_batch_size,
            batch_wait_timeout_s=args.ingress_batch_wait_timeout_s)

@@ -26,6 +26,7 @@ from retrieval_platform.serving.app import (
     ENCODER,
     INGRESS,
     LEXICAL,
+    WRITER,
     AppArgs,
     shard_name,
     version_user_configs,
@@ -72,7 +73,11 @@ def deployed_config() -> dict:
 def _backends(app: dict) -> list[str]:
     manifest = load_manifest(app["args"]["index"])
     names = [ENCODER, *(shard_name(i) for i in range(len(manifest.shards)))]
-    return [*names, LEXICAL] if app["args"].get("lexical", True) else names
+    if app["args"].get("lexical", True):
+        names.append(LEXICAL)
+    if app["args"].get("write_key_env") or app["args"].get("write_key_file"):
+        names.append(WRITER)  # it embeds upserts with every loaded version's model
+    return names
 
 
 def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:

@@ -10,6 +10,7 @@ by one version end to end and none is dropped (:mod:`retrieval_platform.serving.
 
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,25 +20,34 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Path
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
-from retrieval_platform.index.store import load_bm25, load_shard
+from retrieval_platform.catalog.live import WriteOp, WriteResult
+from retrieval_platform.index.live import LogFollower, load_live_lexical, load_live_shard
 from retrieval_platform.retrievers.hybrid import Fusion
 from retrieval_platform.serving import guard
 from retrieval_platform.serving.schemas import (
+    MAX_PRODUCT_ID_CHARS,
+    BulkItem,
+    BulkRequest,
+    BulkResponse,
     Health,
+    ProductFields,
+    ProductPatch,
+    ProductRecord,
     SearchRequest,
     SearchResponse,
     ShardStatus,
+    WriteResponse,
 )
 from retrieval_platform.serving.search import (
     candidate_depth,
     combine,
-    lexical_hits,
     load_encoder_for,
     merge_hits,
     shard_hits_many,
@@ -47,6 +57,26 @@ from retrieval_platform.serving.search import (
 )
 
 log = logging.getLogger("ray.serve")
+
+
+def _bulk_op(item: BulkItem) -> WriteOp | WriteResult:
+    """A bulk item as a write, or its rejection (422) when its product does not validate."""
+    try:
+        if item.op == "delete":
+            if item.product is not None:
+                raise ValueError("a delete takes no product")
+            return WriteOp("delete", item.product_id)
+        if item.product is None:
+            raise ValueError(f"an {item.op} needs a product")
+        if item.op == "upsert":
+            return WriteOp("upsert", item.product_id,
+                           ProductFields.model_validate(item.product).model_dump())
+        return WriteOp("patch", item.product_id,
+                       ProductPatch.model_validate(item.product).changed())
+    except (ValidationError, ValueError) as exc:
+        message = (exc.errors(include_url=False, include_input=False)
+                   if isinstance(exc, ValidationError) else str(exc))
+        return WriteResult(item.product_id, item.op, 422, "rejected", error=str(message))
 REPLICA_RETRIES = 2  # calls retried on another replica when theirs is lost mid-call
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
@@ -112,55 +142,96 @@ class QueryEncoder:
         parts = await asyncio.gather(*(self._encode_batch((version, t)) for t in texts))
         return np.concatenate(parts)  # (n, d)
 
+    async def encode_products(self, version: str, texts: list[str]) -> np.ndarray:
+        """(n, d) product vectors of live upserts, as the version's build embeds products
+        (the same model, precision and encode path)."""
+        model = self.models.get(version)
+        if model is None:
+            raise KeyError(f"version {version!r} is not loaded on this encoder")
+        return await asyncio.get_running_loop().run_in_executor(
+            None, model.encode_products, texts)
+
     def loaded(self) -> list[str]:
         return sorted(self.models)
 
 
+class _Followed:
+    """The versions a replica serves, each a live segment following the catalog's change log
+    (replayed on load, before the replica answers; then polled)."""
+
+    def __init__(self, load: Callable[[str], Any], interval_s: float) -> None:
+        self.load, self.interval_s = load, interval_s
+        self.parts: dict[str, Any] = {}
+        self.followers: dict[str, LogFollower] = {}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        def start(index_dir: str) -> Any:
+            part, changelog = self.load(index_dir)
+            self.followers[index_dir] = LogFollower(
+                changelog, part.apply, lambda: part.position, self.interval_s).start()
+            return part
+
+        wanted = set((user_config.get("versions") or {}).values())
+        self.parts = _reload(self.parts, user_config, start)
+        for index_dir in [d for d in self.followers if d not in wanted]:
+            self.followers.pop(index_dir).stop()
+
+    def get(self, version: str, where: str) -> Any:
+        part = self.parts.get(version)
+        if part is None:
+            raise KeyError(f"version {version!r} is not loaded on {where}")
+        return part
+
+
 @serve.deployment
 class IndexShard:
-    """One shard of every loaded index version (exact or approximate FAISS search)."""
+    """One shard of every loaded index version (exact or approximate FAISS search), with the
+    catalog's live writes (a delta segment, tombstones, patched metadata: ``index.live``)."""
 
-    def __init__(self, shard_id: int) -> None:
+    def __init__(self, shard_id: int, log_poll_interval_s: float = 0.05) -> None:
         self.shard_id = shard_id
-        self.shards: dict[str, Any] = {}
+        self.versions = _Followed(lambda index_dir: load_live_shard(index_dir, shard_id),
+                                  log_poll_interval_s)
         self.latency = Histogram("rp_shard_search_latency_ms", description="search of one shard",
                                  boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("shard",))
         self.latency.set_default_tags({"shard": str(shard_id)})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.shards = _reload(self.shards, user_config,
-                              lambda index_dir: load_shard(index_dir, self.shard_id))
+        self.versions.reconfigure(user_config)
 
     def search_many(self, version: str, xq: np.ndarray, k: int,
-                    filters: list[dict[str, Any] | None]) -> list[list[dict[str, Any]]]:
-        """Top-k of each query vector of ``xq`` (n, d), with its own filters: one call for an
-        ingress's batch; the unfiltered queries go to FAISS as one batch."""
+                    filters: list[dict[str, Any] | None]
+                    ) -> tuple[list[list[dict[str, Any]]], int]:
+        """(top-k of each query vector of ``xq`` (n, d) with its own filters, the log position
+        applied): one call for an ingress's batch; the unfiltered queries go to FAISS as one
+        batch."""
         started = time.perf_counter()
-        shard = self.shards.get(version)
-        if shard is None:
-            raise KeyError(f"version {version!r} is not loaded on shard {self.shard_id}")
+        shard = self.versions.get(version, f"shard {self.shard_id}")
+        position = shard.position  # read first: the answer has at least these changes
         hits = shard_hits_many(shard, xq, k, [to_filter(f) for f in filters])
         self.latency.observe((time.perf_counter() - started) * 1000)
-        return hits
+        return hits, position
 
     def ping(self, version: str) -> bool:
-        return version in self.shards
+        return version in self.versions.parts
 
 
 @serve.deployment
 class LexicalIndex:
-    """BM25 over the whole catalog of every loaded version (lexical and hybrid requests)."""
+    """BM25 over the whole catalog of every loaded version (lexical and hybrid requests), with
+    the live writes (new documents scored with the base's statistics: ``index.live``)."""
 
-    def __init__(self) -> None:
-        self.indexes: dict[str, Any] = {}
+    def __init__(self, log_poll_interval_s: float = 0.05) -> None:
+        self.versions = _Followed(load_live_lexical, log_poll_interval_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.indexes = _reload(self.indexes, user_config, load_bm25)
+        self.versions.reconfigure(user_config)
 
     def search(self, version: str, query: str, k: int,
-               filters: dict[str, Any] | None) -> list[dict[str, Any]]:
-        bm25, meta = self.indexes[version]
-        return lexical_hits(bm25, meta, query, k, to_filter(filters))
+               filters: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
+        lexical = self.versions.get(version, "the lexical index")
+        position = lexical.position
+        return lexical.search(query, k, to_filter(filters)), position
 
 
 def _lap(timings: dict[str, float], name: str, since: float) -> float:
@@ -178,6 +249,7 @@ class _Dense:
     answered: list[int]
     failed: list[int]
     timings: dict[str, float]
+    position: int  # the change log position every answering shard had applied
 
 
 class ShardFailure(Exception):
@@ -201,16 +273,22 @@ app.add_middleware(guard.GuardMiddleware)
 class Ingress:
     """HTTP entry point: validates, encodes, fans out to every shard, merges, fuses."""
 
-    def __init__(self, encoder: Any, shards: list[Any], lexical: Any | None, *,
-                 api_key: str | None = None, max_body_bytes: int = 16_384,
-                 timeout_s: float = 10.0, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.002) -> None:
+    def __init__(self, encoder: Any, shards: list[Any], lexical: Any | None,
+                 writer: Any | None = None, *, api_key: str | None = None,
+                 write_key: str | None = None, max_body_bytes: int = 16_384,
+                 max_write_body_bytes: int = 4 << 20, max_bulk_items: int = 1000,
+                 timeout_s: float = 10.0, write_timeout_s: float = 60.0,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.002) -> None:
         # Through the module object: Serve pickles this class by value, with a copy of the
         # globals it names, so a module-level dict named here would be a private copy.
-        guard.configure(api_key=api_key, max_body_bytes=max_body_bytes)
+        guard.configure(api_key=api_key, write_key=write_key, max_body_bytes=max_body_bytes,
+                        max_write_body_bytes=max_write_body_bytes)
         self.encoder = encoder
         self.shards = shards
         self.lexical = lexical
+        self.writer = writer
+        self.max_bulk_items = max_bulk_items
+        self.write_timeout_s = write_timeout_s
         self.timeout_s = timeout_s
         self.active = ""
         self.model_id = ""
@@ -285,10 +363,11 @@ class Ingress:
         for i in failed:
             log.warning("shard %d failed: %r", i, results[i])
         answered = [i for i in range(len(results)) if i not in failed]
-        merged = [merge_hits([results[i][j] for i in answered], depth)
+        merged = [merge_hits([results[i][0][j] for i in answered], depth)
                   for j, (_, _, depth, _) in enumerate(items)]
+        position = min((results[i][1] for i in answered), default=0)
         _lap(timings, "merge", lap)
-        return [_Dense(hits, answered, failed, timings) for hits in merged]
+        return [_Dense(hits, answered, failed, timings, position) for hits in merged]
 
     @app.post("/search", response_model=SearchResponse,
               responses={400: {"description": "the body is not valid JSON, or a lexical or "
@@ -301,14 +380,17 @@ class Ingress:
         timings: dict[str, float] = {}
         filters = request.filters.model_dump() if request.filters else None
         depth = candidate_depth(request.mode, request.k)
-        dense, lexical, found = [], [], None
+        dense, lexical, found, positions = [], [], None, []
         try:
             if uses_dense(request.mode):
                 found = await self._dense_part(version, request, depth, filters)
                 dense = found.hits
                 timings |= found.timings
+                positions.append(found.position)
             if uses_lexical(request.mode):
-                lexical = await self._lexical_part(version, request, depth, filters, timings)
+                lexical, position = await self._lexical_part(version, request, depth, filters,
+                                                             timings)
+                positions.append(position)
         except Exception as exc:
             raise self._http_error(request.mode, exc) from None
         hits = combine(request.mode, dense, lexical, request.k, self.fusion)
@@ -321,6 +403,7 @@ class Ingress:
             results=hits, mode=request.mode, version=version, model_id=self.model_id,
             partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
             timings_ms={k: round(v, 2) for k, v in timings.items()},
+            applied_position=min(positions, default=0),
         )
 
     async def _dense_part(self, version: str, request: SearchRequest, depth: int,
@@ -337,7 +420,7 @@ class Ingress:
 
     async def _lexical_part(self, version: str, request: SearchRequest, depth: int,
                             filters: dict[str, Any] | None,
-                            timings: dict[str, float]) -> list[dict[str, Any]]:
+                            timings: dict[str, float]) -> tuple[list[dict[str, Any]], int]:
         if self.lexical is None:
             raise HTTPException(400, "this index was built without BM25: "
                                      "lexical and hybrid modes are unavailable")
@@ -359,6 +442,93 @@ class Ingress:
         log.warning("search failed: %r", exc)
         return HTTPException(503, f"service unavailable ({type(exc).__name__}); retry",
                              headers={"Retry-After": "1"})
+
+    # ---------------------------------------------------------------------------- writes
+
+    async def _write(self, ops: list[WriteOp]) -> list[WriteResult]:
+        if self.writer is None:
+            raise HTTPException(403, "this deployment is read-only: writes need a write key "
+                                     "(AppArgs.write_key_env or write_key_file)")
+        try:
+            # no retry on another replica: there is one writer, and a retried write that had
+            # been logged would be logged twice (harmless, but not what was asked)
+            return await asyncio.wait_for(self.writer.write.remote(ops),
+                                          timeout=self.write_timeout_s)
+        except Exception as exc:
+            log.warning("write failed: %r", exc)
+            raise HTTPException(503, f"the write was not applied ({type(exc).__name__}); "
+                                     "retry", headers={"Retry-After": "1"}) from None
+
+    @staticmethod
+    def _one(result: WriteResult) -> JSONResponse:
+        body = WriteResponse(**dataclasses.asdict(result))
+        if result.status >= 400:
+            return JSONResponse({"detail": result.error, **body.model_dump()},
+                                status_code=result.status)
+        return JSONResponse(body.model_dump(), status_code=result.status)
+
+    @app.put("/products/{product_id}", response_model=WriteResponse, status_code=200,
+             responses={201: {"description": "created"},
+                        401: {"description": "missing or wrong X-Write-Key"},
+                        403: {"description": "a read-only deployment"},
+                        422: {"description": "invalid product"},
+                        503: {"description": "not applied; retry"}})
+    async def put_product(self, product: ProductFields,
+                          product_id: str = Path(..., min_length=1,
+                                                 max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
+        """Create or replace a product: embedded with the served model, searchable once a
+        replica's applied_position reaches its seq."""
+        ops = [WriteOp("upsert", product_id, product.model_dump())]
+        return self._one((await self._write(ops))[0])
+
+    @app.patch("/products/{product_id}", response_model=WriteResponse,
+               responses={404: {"description": "no such product"},
+                          422: {"description": "invalid fields"}})
+    async def patch_product(self, patch: ProductPatch,
+                            product_id: str = Path(..., min_length=1,
+                                                   max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
+        """Change some fields: price and in_stock without re-embedding; a text field
+        re-embeds the product."""
+        try:
+            fields = patch.changed()
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return self._one((await self._write([WriteOp("patch", product_id, fields)]))[0])
+
+    @app.delete("/products/{product_id}", response_model=WriteResponse,
+                responses={404: {"description": "no such product"}})
+    async def delete_product(self, product_id: str = Path(
+            ..., min_length=1, max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
+        """Delete a product: it never comes back in dense, lexical or hybrid answers."""
+        return self._one((await self._write([WriteOp("delete", product_id)]))[0])
+
+    @app.post("/products:bulk", response_model=BulkResponse,
+              responses={413: {"description": "too many items or too large a body"}})
+    async def bulk(self, request: BulkRequest) -> BulkResponse:
+        """Many writes in order, each with its own status (not all-or-nothing: the valid
+        items are applied, the others say why not)."""
+        if len(request.items) > self.max_bulk_items:
+            raise HTTPException(413, f"{len(request.items)} items: at most "
+                                     f"{self.max_bulk_items} a bulk request")
+        ops: list[WriteOp | WriteResult] = [_bulk_op(item) for item in request.items]
+        valid = [op for op in ops if isinstance(op, WriteOp)]
+        written = iter(await self._write(valid) if valid else [])
+        results = [next(written) if isinstance(op, WriteOp) else op for op in ops]
+        items = [WriteResponse(**dataclasses.asdict(r)) for r in results]
+        return BulkResponse(items=items, errors=sum(r.status >= 400 for r in results),
+                            position=max((r.seq or 0 for r in results), default=0))
+
+    @app.get("/products/{product_id}", response_model=ProductRecord,
+             responses={404: {"description": "no such product"}})
+    async def get_product(self, product_id: str = Path(
+            ..., min_length=1, max_length=MAX_PRODUCT_ID_CHARS)) -> ProductRecord:
+        """The product as the writer holds it now (after every acknowledged write)."""
+        if self.writer is None:
+            raise HTTPException(403, "this deployment is read-only: it has no catalog writer")
+        record, position = await self._call(self.writer.get, product_id)
+        if record is None:
+            raise HTTPException(404, f"no product {product_id!r}")
+        return ProductRecord(product_id=product_id, record=record, position=position)
 
     @app.get("/healthz", response_model=Health,
              responses={503: {"description": "some shard does not answer"}})

@@ -1,15 +1,28 @@
-"""HTTP guard of the ingress: API key and request body size, checked before any parsing."""
+"""HTTP guard of the ingress: the read key, the write key and request body size, checked
+before any parsing. Writes (PUT, PATCH, DELETE, POST under ``/products``) need the write key
+(``X-Write-Key``) and only it; everything else but the open paths needs the read key
+(``X-API-Key``) when one is set."""
 
 import hmac
 import json
 from typing import Any
 
 # The settings of this process's Ingress replica (one per process), set by ``configure``.
-SETTINGS: dict[str, Any] = {"api_key": None, "max_body_bytes": 16_384}
+SETTINGS: dict[str, Any] = {"api_key": None, "write_key": None, "max_body_bytes": 16_384,
+                            "max_write_body_bytes": 4 << 20}
+WRITE_METHODS = frozenset({"PUT", "PATCH", "DELETE", "POST"})
 
 
-def configure(*, api_key: str | None, max_body_bytes: int) -> None:
-    SETTINGS.update(api_key=api_key.encode() if api_key else None, max_body_bytes=max_body_bytes)
+def configure(*, api_key: str | None, max_body_bytes: int, write_key: str | None = None,
+              max_write_body_bytes: int = 4 << 20) -> None:
+    SETTINGS.update(api_key=api_key.encode() if api_key else None,
+                    write_key=write_key.encode() if write_key else None,
+                    max_body_bytes=max_body_bytes, max_write_body_bytes=max_write_body_bytes)
+
+
+def is_write(scope: dict) -> bool:
+    return scope.get("method") in WRITE_METHODS and str(scope.get("path", "")).startswith(
+        "/products")
 
 
 class GuardMiddleware:
@@ -26,12 +39,20 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api_key, limit = SETTINGS["api_key"], SETTINGS["max_body_bytes"]
         headers = dict(scope.get("headers") or [])
-        protected = api_key is not None and scope.get("path") not in self.OPEN_PATHS
-        if protected and not hmac.compare_digest(headers.get(b"x-api-key", b""), api_key):
-            await _reply(send, 401, "missing or wrong X-API-Key header")
-            return
+        if is_write(scope):
+            write_key, limit = SETTINGS["write_key"], SETTINGS["max_write_body_bytes"]
+            # no write key: a read-only deployment, which the route itself says (403)
+            if write_key is not None and not hmac.compare_digest(
+                    headers.get(b"x-write-key", b""), write_key):
+                await _reply(send, 401, "missing or wrong X-Write-Key header")
+                return
+        else:
+            api_key, limit = SETTINGS["api_key"], SETTINGS["max_body_bytes"]
+            protected = api_key is not None and scope.get("path") not in self.OPEN_PATHS
+            if protected and not hmac.compare_digest(headers.get(b"x-api-key", b""), api_key):
+                await _reply(send, 401, "missing or wrong X-API-Key header")
+                return
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _reply(send, 413, f"request body over {limit} bytes")

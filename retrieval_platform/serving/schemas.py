@@ -25,6 +25,8 @@ class Filters(BaseModel):
     price_max: float | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="highest price (inclusive); below price_min, "
                                                 "nothing matches")
+    in_stock: bool | None = Field(None, description="true: only products not marked out of "
+                                  "stock; false: only those marked out of stock")
 
 
 class SearchRequest(BaseModel):
@@ -69,6 +71,7 @@ class Hit(BaseModel):
     shard: int | None = Field(None, description="the shard that returned it (dense results)")
     category: str | None = None
     price: float | None = None
+    in_stock: bool | None = None
 
 
 class ShardStatus(BaseModel):
@@ -85,9 +88,110 @@ class SearchResponse(BaseModel):
                                              "allow_partial was set")
     shards: ShardStatus
     timings_ms: dict[str, float]
+    applied_position: int = Field(0, description="the catalog change log position this answer "
+                                  "reflects: every write whose seq is at most this is in it")
 
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     shards: ShardStatus
+
+
+# ------------------------------------------------------------------------------------ writes
+
+MAX_PRODUCT_ID_CHARS = 256
+
+
+class ProductFields(BaseModel):
+    """A whole product (``PUT /products/{id}``): the prepared catalog's fields. The text the
+    encoder embeds is rendered from them exactly as the index build renders it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    title: str = Field(..., min_length=1, max_length=10_000,
+                       json_schema_extra={"pattern": r"[^ \t\n\r\f\v]"})
+    description: str | None = Field(None, max_length=100_000)
+    brand: str | None = Field(None, max_length=256)
+    category: str | None = Field(None, max_length=10_000,
+                                 description="category path, 'Home > Kitchen > Kettles'")
+    attributes: dict[str, str] | None = Field(None, max_length=256)
+    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+    in_stock: bool | None = Field(None, description="false: out of stock (null: unknown, "
+                                  "counted as in stock by the in_stock filter)")
+
+    @field_validator("title")
+    @classmethod
+    def _title_not_blank(cls, value: str) -> str:
+        if not value.strip(BLANK):
+            raise ValueError("title must contain non-whitespace characters")
+        return value
+
+
+class ProductPatch(BaseModel):
+    """Some fields of a product (``PATCH /products/{id}``): price and in-stock change metadata
+    only; a field the product's text is rendered from (title, description, brand, category,
+    attributes) re-embeds it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    title: str | None = Field(None, min_length=1, max_length=10_000)
+    description: str | None = Field(None, max_length=100_000)
+    brand: str | None = Field(None, max_length=256)
+    category: str | None = Field(None, max_length=10_000)
+    attributes: dict[str, str] | None = Field(None, max_length=256)
+    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+    in_stock: bool | None = None
+
+    @field_validator("title")
+    @classmethod
+    def _title_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip(BLANK):
+            raise ValueError("title must contain non-whitespace characters")
+        return value
+
+    def changed(self) -> dict:
+        fields = self.model_dump(exclude_unset=True)
+        if not fields:
+            raise ValueError("a patch must name at least one field")
+        if "title" in fields and fields["title"] is None:
+            raise ValueError("title cannot be removed")
+        return fields
+
+
+class BulkItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    op: Literal["upsert", "patch", "delete"]
+    product_id: str = Field(..., min_length=1, max_length=MAX_PRODUCT_ID_CHARS)
+    product: dict | None = Field(None, description="upsert: the whole product; patch: the "
+                                 "fields to change; delete: absent")
+
+
+class BulkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[BulkItem] = Field(..., min_length=1)
+
+
+class WriteResponse(BaseModel):
+    product_id: str
+    op: Literal["upsert", "patch", "delete"]
+    result: Literal["created", "updated", "patched", "deleted", "rejected"]
+    status: int = Field(..., description="this write's HTTP status (per item in a bulk)")
+    seq: int | None = Field(None, description="the change log position of this write: a "
+                            "search whose applied_position is at least this reflects it")
+    error: str | None = None
+
+
+class BulkResponse(BaseModel):
+    items: list[WriteResponse]
+    errors: int = Field(..., description="items rejected (status >= 400); the others are "
+                        "applied: a bulk request is per item, not all-or-nothing")
+    position: int = Field(..., description="the highest seq this request wrote")
+
+
+class ProductRecord(BaseModel):
+    product_id: str
+    record: dict
+    position: int = Field(..., description="the writer's change log position")

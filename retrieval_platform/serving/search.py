@@ -20,13 +20,12 @@ from retrieval_platform.encoder.model import (
 )
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import merge_topk
+from retrieval_platform.index.live import LiveShard, load_live_lexical, load_live_shard
 from retrieval_platform.index.store import (
     CatalogFilter,
     IndexLoadError,
     LoadedShard,
-    load_bm25,
     load_manifest,
-    load_shard,
 )
 from retrieval_platform.retrievers.hybrid import HYBRID_DEPTH, Fusion, fuse
 
@@ -40,11 +39,19 @@ class IndexEncoder:
 
     model: DualEncoder
     dim: int | None  # a Matryoshka prefix when the index is smaller than the model
+    # how the version's build embedded its products: live upserts are embedded alike, so a
+    # written product's vector is the one a rebuild gives it
+    product_precision: Precision = "fp32"
+    product_batch_size: int = 64
 
     def encode(self, texts: list[str], kind: Kind = "query", precision: Precision = "fp32",
                batch_size: int = 64) -> np.ndarray:
         return self.model.encode(texts, kind, batch_size=batch_size, precision=precision,
                                  dim=self.dim)
+
+    def encode_products(self, texts: list[str]) -> np.ndarray:
+        """(n, d) product vectors as the index build embeds them."""
+        return self.encode(texts, "product", self.product_precision, self.product_batch_size)
 
 
 def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder:
@@ -55,20 +62,22 @@ def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder
     if info["model_id"] != manifest.model.model_id:
         raise IndexLoadError(f"{index_dir}: built with {manifest.model.model_id}, but "
                              f"{folder} now holds {info['model_id']}")
-    return IndexEncoder(DualEncoder.from_pretrained(folder).to(device), manifest.served_dim)
+    embed = manifest.config.get("embed") or {}
+    return IndexEncoder(DualEncoder.from_pretrained(folder).to(device), manifest.served_dim,
+                        embed.get("precision", "fp32"), embed.get("encode_batch_size", 64))
 
 
 def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
     return CatalogFilter(**filters) if filters else None
 
 
-def shard_hits(shard: LoadedShard, xq: np.ndarray, k: int,
+def shard_hits(shard: LoadedShard | LiveShard, xq: np.ndarray, k: int,
                filters: CatalogFilter | None) -> list[HitRecord]:
     """Top-k of one shard for one query vector (1, d), with product metadata."""
     return shard_hits_many(shard, xq, k, [filters])[0]
 
 
-def shard_hits_many(shard: LoadedShard, xq: np.ndarray, k: int,
+def shard_hits_many(shard: LoadedShard | LiveShard, xq: np.ndarray, k: int,
                     filters: list[CatalogFilter | None]) -> list[list[HitRecord]]:
     """Top-k of one shard for each query vector of ``xq`` (n, d) under its own filters; the
     unfiltered ones are searched as one FAISS batch."""
@@ -85,11 +94,12 @@ def shard_hits_many(shard: LoadedShard, xq: np.ndarray, k: int,
     return out  # type: ignore[return-value]
 
 
-def _with_metadata(shard: LoadedShard, D: np.ndarray, I: np.ndarray) -> list[HitRecord]:
+def _with_metadata(shard: LoadedShard | LiveShard, D: np.ndarray, I: np.ndarray) -> list[HitRecord]:
     rows = [int(i) for i in I if i >= 0]
     metas = shard.rows(rows)
     return [{"product_id": m["product_id"], "title": m["title"], "score": float(d),
-             "shard": shard.shard_id, "category": m["category"], "price": m["price"], "row": r}
+             "shard": shard.shard_id, "category": m["category"], "price": m["price"],
+             "in_stock": m.get("in_stock"), "row": r}
             for d, r, m in zip(D, rows, metas, strict=False)]
 
 
@@ -117,7 +127,8 @@ def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
     for product_id, score in hits:
         m = meta.slice(rows[product_id], 1).to_pylist()[0]
         out.append({"product_id": product_id, "title": m["title"], "score": score, "shard": None,
-                    "category": m["category"], "price": m["price"], "row": rows[product_id]})
+                    "category": m["category"], "price": m["price"],
+                    "in_stock": m.get("in_stock"), "row": rows[product_id]})
     return out
 
 
@@ -157,13 +168,29 @@ def combine(mode: Mode, dense: list[HitRecord], lexical: list[HitRecord], k: int
 
 
 class LocalSearcher:
-    """Everything one version of the service does, in one process: for tests and benchmarks."""
+    """Everything one version of the service does, in one process, with its catalog's change
+    log applied (:meth:`refresh` applies what was written since): for tests and benchmarks."""
 
     def __init__(self, index_dir: str | Path) -> None:
         self.manifest = load_manifest(index_dir)
         self.encoder = load_encoder_for(index_dir)
-        self.shards = [load_shard(index_dir, s.id) for s in self.manifest.shards]
-        self.bm25 = load_bm25(index_dir) if self.manifest.bm25 else None
+        path = self.manifest.path
+        loaded = [load_live_shard(path, s.id) for s in self.manifest.shards]
+        self.shards = [shard for shard, _ in loaded]
+        self.log = loaded[0][1]
+        self.lexical = load_live_lexical(path)[0] if self.manifest.bm25 else None
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Apply the changes logged since; the log position now applied."""
+        changes = list(self.log.read_after(self.position))
+        for part in [*self.shards, *([self.lexical] if self.lexical else [])]:
+            part.apply(changes)
+        return self.position
+
+    @property
+    def position(self) -> int:
+        return min(s.position for s in self.shards)
 
     def search(self, query: str, k: int = 10, mode: Mode = "dense",
                filters: dict[str, Any] | None = None) -> list[HitRecord]:
@@ -175,7 +202,7 @@ class LocalSearcher:
             xq = self.encoder.encode([query], "query")
             dense = merge_hits([shard_hits(s, xq, depth, f) for s in self.shards], depth)
         if uses_lexical(mode):
-            if self.bm25 is None:
+            if self.lexical is None:
                 raise IndexLoadError("this index was built without bm25")
-            lexical = lexical_hits(*self.bm25, query, depth, f)
+            lexical = self.lexical.search(query, depth, f)
         return combine(mode, dense, lexical, k, self.manifest.fusion)
