@@ -328,8 +328,8 @@ def test_a_swap_to_a_compacted_version_mid_stream_loses_and_duplicates_nothing(l
     thread.start()
     try:
         time.sleep(1.0)
-        v2 = compact(CompactConfig(index=str(live["v1"]), version="v2", swap_app="live",
-                                   embed=EMBED))
+        v2 = compact(from_dict(CompactConfig, {"index": str(live["v1"]), "version": "v2",
+                                               "swap_app": "live", "embed": EMBED}))
     finally:
         time.sleep(1.0)
         stop.set()

@@ -29,6 +29,7 @@ from retrieval_platform.index.faiss_ops import (
 from retrieval_platform.index.store import (
     FORMAT_VERSION,
     META_COLUMNS,
+    META_SCHEMA,
     DatasetRef,
     IndexLoadError,
     IndexManifest,
@@ -112,6 +113,6 @@ def _write_shards(folder: Path, xb: np.ndarray, cols: dict[str, list],
     for i, (start, stop) in enumerate(shard_bounds(len(xb), cfg.num_shards)):
         index = build_faiss_index(xb[start:stop], cfg.params, seed=i)
         meta = pa.table({"row": pa.array(np.arange(start, stop), pa.int64()),
-                         **{c: cols[c][start:stop] for c in META_COLUMNS}})
+                         **{c: cols[c][start:stop] for c in META_COLUMNS}}, schema=META_SCHEMA)
         shards.append(write_shard(folder, i, index, meta, (start, stop)))
     return shards

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_COLUMNS = ["product_id", "title", "category", "price", "in_stock"]
+META_SCHEMA = pa.schema([("row", pa.int64()), ("product_id", pa.string()),
+                         ("title", pa.string()), ("category", pa.string()),
+                         ("price", pa.float64()), ("in_stock", pa.bool_())])
 
 
 class IndexLoadError(PlatformError):
@@ -250,7 +253,9 @@ def load_bm25(path: str | Path) -> tuple[BM25Retriever, pa.Table]:
         _check_file(folder / "bm25", name, digest)
     metas = [pq.read_table(_check_file(folder, s.meta, s.sha256["meta"]))
              for s in manifest.shards]
-    return BM25Retriever.load(folder / "bm25"), pa.concat_tables(metas)
+    # permissive: a shard whose in_stock is all unknown may have been written as nulls
+    return BM25Retriever.load(folder / "bm25"), pa.concat_tables(metas,
+                                                                 promote_options="permissive")
 
 
 @dataclass(frozen=True)

@@ -142,12 +142,12 @@ class QueryEncoder:
         parts = await asyncio.gather(*(self._encode_batch((version, t)) for t in texts))
         return np.concatenate(parts)  # (n, d)
 
-    async def encode_products(self, version: str, texts: list[str]) -> np.ndarray:
-        """(n, d) product vectors of live upserts, as the version's build embeds products
-        (the same model, precision and encode path)."""
-        model = self.models.get(version)
+    async def encode_products(self, versions: list[str], texts: list[str]) -> np.ndarray:
+        """(n, d) product vectors of live upserts, as the build of ``versions`` (of one model)
+        embeds products: the same model, precision and encode path; any of them loaded."""
+        model = next((self.models[v] for v in versions if v in self.models), None)
         if model is None:
-            raise KeyError(f"version {version!r} is not loaded on this encoder")
+            raise KeyError(f"none of the versions {versions} is loaded on this encoder")
         return await asyncio.get_running_loop().run_in_executor(
             None, model.encode_products, texts)
 

@@ -48,7 +48,9 @@ class CatalogWriter:
         self.encoder = encoder
         self.catalog: LiveCatalog | None = None
         self.log: ChangeLog | None = None
-        self.models: dict[str, str] = {}  # model_key -> a version embedding with it
+        # model_key -> the versions embedding with it (any loaded one will do: during a swap the
+        # encoder and the writer learn of a version's arrival and departure at different times)
+        self.models: dict[str, list[str]] = {}
         self._write_group.set_max_batch_size(max_batch_size)
         self._write_group.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.writes = Counter("rp_writes_total", description="catalog writes",
@@ -72,7 +74,7 @@ class CatalogWriter:
         self.catalog.apply(list(self.log.read_after(self.catalog.position)))
         self.models = {}
         for version, m in manifests.items():
-            self.models.setdefault(model_key(m.model.model_id, m.dim), version)
+            self.models.setdefault(model_key(m.model.model_id, m.dim), []).append(version)
 
     async def write(self, ops: list[WriteOp]) -> list[WriteResult]:
         """Validate, embed, log and acknowledge ``ops`` (in order); per op its result. Raises
@@ -103,9 +105,9 @@ class CatalogWriter:
         texts = [s.text for s in todo if s.op == "upsert"]
         vectors = {}
         try:
-            for key, version in self.models.items():
+            for key, versions in self.models.items():
                 if texts:
-                    vectors[key] = await self.encoder.encode_products.remote(version, texts)
+                    vectors[key] = await self.encoder.encode_products.remote(versions, texts)
         except Exception as exc:
             raise WriteUnavailable(f"the encoder could not embed the products ({exc!r})") \
                 from None
