@@ -131,7 +131,8 @@ def test_grafana_dashboard_uses_only_metrics_the_service_exports():
     dashboard = json.loads((REPO / "docs/grafana/retrieval_platform_dashboard.json").read_text())
     queried = {m for p in dashboard["panels"] for t in p["targets"]
                for m in re.findall(r"ray_(rp_\w+?)(?:_bucket|_sum|_count)?\b", t["expr"])}
-    source = (REPO / "retrieval_platform/serving/deployments.py").read_text()
+    source = "".join((REPO / "retrieval_platform/serving" / f).read_text()
+                     for f in ("deployments.py", "writer.py"))
     defined = set(re.findall(r'(?:Histogram|Counter)\(\s*"(rp_\w+)"', source))
     assert queried and queried <= defined, queried - defined
 

@@ -186,7 +186,7 @@ def test_a_matryoshka_index_serves_the_first_dims(built_index):
         "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64}}))
     assert manifest.dim == 16 and manifest.model.dim == 64 and manifest.served_dim == 16
     searcher = LocalSearcher(root / "mrl" / "v16")
-    assert searcher.shards[0].index.d == 16
+    assert searcher.shards[0].base.index.d == 16
     hits = searcher.search("red running shoes", k=5)
     model = DualEncoder.from_pretrained(manifest.model.path)
     products = PreparedDataset(root / "data").products(["product_id", "text"])

@@ -33,6 +33,7 @@ import yaml
 from tests.helpers import REPO, free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1800)]
+WRITE_KEY = "multinode-write-key-0123"
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # every Python process of a node records what it opens of another machine's (node_audit/)
@@ -194,7 +195,10 @@ def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
         "serve": {"index": "{storage}/indexes/{name}", "http_port": http_port,
                   "app_name": "retrieval", "config_path": str(cluster["root"] / "serve.yaml"),
                   "keep_serving": "no",
-                  "args": {"shard_replicas": 2, "shard_cpus": 0.1, "ingress_cpus": 0.1,
+                  "args": {"write_key_file": str(cluster["root"] / "write_key"),
+                           # each poll of the log is a GET on S3: 6 replicas, 20 a second
+                           "log_poll_interval_s": 0.3, "writer_cpus": 0.1,
+                           "shard_replicas": 2, "shard_cpus": 0.1, "ingress_cpus": 0.1,
                            "lexical_cpus": 0.1, "lexical_replicas": 2,
                            "encoder": {"cpus": 0.2, "min_replicas": 2, "max_replicas": 2}}},
         "examples": ["red running shoes"],
@@ -221,6 +225,7 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
     node_ids = {name: node_id for name, node_id in cluster["alive"]().items()}
     http_port = free_port()
     config = _pipeline_config(cluster, s3_server["bucket"], http_port)
+    (cluster["root"] / "write_key").write_text(WRITE_KEY)
     config_path = cluster["root"] / "pipeline.yaml"
     config_path.write_text("# retrieval-platform pipeline --config pipeline.yaml\n"
                            + yaml.safe_dump(config, sort_keys=False))
@@ -363,6 +368,7 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
         "from": version_before, "to": version_after, "requests": len(during),
         "non_200": sum(s != 200 for s, _, _ in during), "partial": sum(p for _, p, _ in during),
         "wrong": sum(s == 200 and not same for s, _, same in during)}
+    record["faults"]["writes"] = _write_stream_with_a_node_kill(cluster, url)
     record["nodes"]["alive_at_end"] = sorted(cluster["alive"]())
     record["jobs"] = ran
     node_ids |= {name: node_id for name, node_id in cluster["alive"]().items()}
@@ -383,7 +389,70 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
     for fault in ("serve", "rerun"):
         counts = record["faults"][fault]
         assert counts["non_200"] == counts["partial"] == counts["wrong"] == 0, record
+    writes = record["faults"]["writes"]
+    assert writes["acknowledged"] >= 40 and writes["lost"] == [] and writes["killed"], record
     assert version_after != version_before and during, record
+
+
+def _write_stream_with_a_node_kill(cluster: dict, url: str) -> dict:
+    """New products and price patches written while a node with serving replicas (the
+    writer's, if it is not on the head) is killed: a write answered 503 is retried (it was not
+    acknowledged); afterwards every acknowledged one is served, with its last price, by the
+    replicas the cluster has then (replayed from the log in S3)."""
+    cluster["add"]("worker_d")
+    cluster["wait_for"]({"head", "worker_d"})
+    headers = {"X-Write-Key": WRITE_KEY}
+    acked: dict[str, tuple[int, float]] = {}  # product -> (seq, price)
+    retried, killed = 0, []
+
+    def write(client: httpx.Client, method: str, path: str, body: dict) -> dict:
+        nonlocal retried
+        deadline = time.monotonic() + 120
+        while True:
+            r = client.request(method, path, json=body, headers=headers)
+            if r.status_code in (200, 201):
+                return r.json()
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            retried += 1
+            time.sleep(0.5)
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(60):
+            if i == 20:
+                replicas = _actors_by_node(cluster, "ServeReplica:retrieval")
+                writer_on = [n for n, cs in replicas.items() if any("CatalogWriter" in c
+                                                                    for c in cs)]
+                victims = [n for n in writer_on if n != "head"] or [
+                    n for n, cs in replicas.items() if n != "head"
+                    and not any("Ingress" in c for c in cs) and any("Shard_" in c for c in cs)]
+                if victims:
+                    cluster["nodes"][victims[0]].kill()
+                    killed.append({"node": victims[0], "replicas": replicas[victims[0]]})
+            pid = f"mnw-{i}"
+            body = {"title": f"qx{i} gadget", "category": "Live", "price": float(i)}
+            seq = write(client, "PUT", f"/products/{pid}", body)["seq"]
+            acked[pid] = (seq, float(i))
+            if i % 3 == 2:  # a price patch of an earlier one
+                earlier = f"mnw-{i - 2}"
+                seq = write(client, "PATCH", f"/products/{earlier}",
+                            {"price": 1000.0 + i})["seq"]
+                acked[earlier] = (seq, 1000.0 + i)
+        last = max(seq for seq, _ in acked.values())
+        deadline = time.monotonic() + 180
+        while client.post("/search", json={"query": "qx1", "k": 1, "mode": "lexical"}
+                          ).json()["applied_position"] < last:
+            assert time.monotonic() < deadline, "the log was not applied"
+            time.sleep(0.2)
+        lost = []
+        for pid, (_, price) in acked.items():
+            n = pid.split("-")[1]
+            hits = client.post("/search", json={"query": f"qx{n}", "k": 5,
+                                                "mode": "lexical"}).json()["results"]
+            mine = [h for h in hits if h["product_id"] == pid]
+            if len(mine) != 1 or mine[0]["price"] != price:
+                lost.append(pid)
+    return {"acknowledged": len(acked), "retried_503": retried, "killed": killed,
+            "last_seq": last, "lost": lost}
 
 
 def _ids(response: httpx.Response) -> list[str]:

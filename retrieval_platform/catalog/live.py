@@ -36,6 +36,8 @@ class WriteOp:
     op: Op
     product_id: str
     fields: dict[str, Any] | None = None
+    # an upsert embedded beforehand (the bulk job's Ray Data pass): model_key -> (d,) vector
+    vectors: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

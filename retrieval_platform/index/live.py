@@ -126,6 +126,7 @@ class DeltaSegment:
         self.records: list[dict[str, Any]] = []
         self.alive: list[bool] = []
         self.pos: dict[str, int] = {}  # live product -> entry
+        self.at_row: dict[int, int] = {}  # global row -> entry
         self._vectors = np.zeros((0, dim or 0), np.float32)
         self.count = 0
 
@@ -138,7 +139,7 @@ class DeltaSegment:
                 grown[: self.count] = self._vectors[: self.count]
                 self._vectors = grown
             self._vectors[self.count] = vector
-        self.pos[product_id] = len(self.ids)
+        self.pos[product_id] = self.at_row[row] = len(self.ids)
         self.ids.append(product_id)
         self.rows.append(row)
         self.records.append(_meta_of(record))
@@ -243,8 +244,8 @@ class LiveShard:
         return D, np.where(I >= 0, I + offset, -1)
 
     def rows(self, global_rows: list[int]) -> list[dict[str, Any]]:
-        delta_at = {r: i for i, r in enumerate(self.delta.rows)}
-        return [self.delta.records[delta_at[r]] if r >= DELTA_ROW0
+        at = self.delta.at_row
+        return [self.delta.records[at[r]] if r >= DELTA_ROW0
                 else self.meta.record(r - self.base.offset) for r in global_rows]
 
 

@@ -22,7 +22,6 @@ import ray
 import torch
 from fastapi import FastAPI, HTTPException, Path
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
@@ -33,7 +32,6 @@ from retrieval_platform.retrievers.hybrid import Fusion
 from retrieval_platform.serving import guard
 from retrieval_platform.serving.schemas import (
     MAX_PRODUCT_ID_CHARS,
-    BulkItem,
     BulkRequest,
     BulkResponse,
     Health,
@@ -44,6 +42,7 @@ from retrieval_platform.serving.schemas import (
     SearchResponse,
     ShardStatus,
     WriteResponse,
+    write_op,
 )
 from retrieval_platform.serving.search import (
     candidate_depth,
@@ -57,26 +56,16 @@ from retrieval_platform.serving.search import (
 )
 
 log = logging.getLogger("ray.serve")
+# what every write route may answer besides its own success (the OpenAPI spec says all of it)
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not valid JSON"},
+    401: {"description": "missing or wrong X-Write-Key"},
+    403: {"description": "a read-only deployment (no write key configured)"},
+    413: {"description": "the body (or a bulk's item count) is too large"},
+    422: {"description": "invalid fields"},
+    503: {"description": "not applied (the writer, encoder or log is unavailable); retry"},
+}
 
-
-def _bulk_op(item: BulkItem) -> WriteOp | WriteResult:
-    """A bulk item as a write, or its rejection (422) when its product does not validate."""
-    try:
-        if item.op == "delete":
-            if item.product is not None:
-                raise ValueError("a delete takes no product")
-            return WriteOp("delete", item.product_id)
-        if item.product is None:
-            raise ValueError(f"an {item.op} needs a product")
-        if item.op == "upsert":
-            return WriteOp("upsert", item.product_id,
-                           ProductFields.model_validate(item.product).model_dump())
-        return WriteOp("patch", item.product_id,
-                       ProductPatch.model_validate(item.product).changed())
-    except (ValidationError, ValueError) as exc:
-        message = (exc.errors(include_url=False, include_input=False)
-                   if isinstance(exc, ValidationError) else str(exc))
-        return WriteResult(item.product_id, item.op, 422, "rejected", error=str(message))
 REPLICA_RETRIES = 2  # calls retried on another replica when theirs is lost mid-call
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
@@ -468,11 +457,7 @@ class Ingress:
         return JSONResponse(body.model_dump(), status_code=result.status)
 
     @app.put("/products/{product_id}", response_model=WriteResponse, status_code=200,
-             responses={201: {"description": "created"},
-                        401: {"description": "missing or wrong X-Write-Key"},
-                        403: {"description": "a read-only deployment"},
-                        422: {"description": "invalid product"},
-                        503: {"description": "not applied; retry"}})
+             responses={201: {"description": "created"}, **WRITE_ERRORS})
     async def put_product(self, product: ProductFields,
                           product_id: str = Path(..., min_length=1,
                                                  max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
@@ -482,8 +467,7 @@ class Ingress:
         return self._one((await self._write(ops))[0])
 
     @app.patch("/products/{product_id}", response_model=WriteResponse,
-               responses={404: {"description": "no such product"},
-                          422: {"description": "invalid fields"}})
+               responses={404: {"description": "no such product"}, **WRITE_ERRORS})
     async def patch_product(self, patch: ProductPatch,
                             product_id: str = Path(..., min_length=1,
                                                    max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
@@ -496,21 +480,20 @@ class Ingress:
         return self._one((await self._write([WriteOp("patch", product_id, fields)]))[0])
 
     @app.delete("/products/{product_id}", response_model=WriteResponse,
-                responses={404: {"description": "no such product"}})
+                responses={404: {"description": "no such product"}, **WRITE_ERRORS})
     async def delete_product(self, product_id: str = Path(
             ..., min_length=1, max_length=MAX_PRODUCT_ID_CHARS)) -> Any:
         """Delete a product: it never comes back in dense, lexical or hybrid answers."""
         return self._one((await self._write([WriteOp("delete", product_id)]))[0])
 
-    @app.post("/products:bulk", response_model=BulkResponse,
-              responses={413: {"description": "too many items or too large a body"}})
+    @app.post("/products:bulk", response_model=BulkResponse, responses=WRITE_ERRORS)
     async def bulk(self, request: BulkRequest) -> BulkResponse:
         """Many writes in order, each with its own status (not all-or-nothing: the valid
         items are applied, the others say why not)."""
         if len(request.items) > self.max_bulk_items:
             raise HTTPException(413, f"{len(request.items)} items: at most "
                                      f"{self.max_bulk_items} a bulk request")
-        ops: list[WriteOp | WriteResult] = [_bulk_op(item) for item in request.items]
+        ops: list[WriteOp | WriteResult] = [write_op(item) for item in request.items]
         valid = [op for op in ops if isinstance(op, WriteOp)]
         written = iter(await self._write(valid) if valid else [])
         results = [next(written) if isinstance(op, WriteOp) else op for op in ops]
@@ -519,7 +502,9 @@ class Ingress:
                             position=max((r.seq or 0 for r in results), default=0))
 
     @app.get("/products/{product_id}", response_model=ProductRecord,
-             responses={404: {"description": "no such product"}})
+             responses={401: {"description": "missing or wrong X-API-Key"},
+                        403: {"description": "a read-only deployment (no catalog writer)"},
+                        404: {"description": "no such product"}})
     async def get_product(self, product_id: str = Path(
             ..., min_length=1, max_length=MAX_PRODUCT_ID_CHARS)) -> ProductRecord:
         """The product as the writer holds it now (after every acknowledged write)."""

@@ -20,6 +20,19 @@ def configure(*, api_key: str | None, max_body_bytes: int, write_key: str | None
                     max_body_bytes=max_body_bytes, max_write_body_bytes=max_write_body_bytes)
 
 
+# the methods of each write path: anything else is 405 with this Allow (Starlette's own 405
+# names only the first route of a path, which serves one method each)
+PRODUCT_METHODS = {"item": "DELETE, GET, PATCH, PUT", "bulk": "POST"}
+
+
+def _allowed(path: str) -> str | None:
+    if path == "/products:bulk":
+        return PRODUCT_METHODS["bulk"]
+    if path.startswith("/products/") and "/" not in path[len("/products/"):]:
+        return PRODUCT_METHODS["item"]
+    return None
+
+
 def is_write(scope: dict) -> bool:
     return scope.get("method") in WRITE_METHODS and str(scope.get("path", "")).startswith(
         "/products")
@@ -40,6 +53,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        allow = _allowed(str(scope.get("path", "")))
+        if allow is not None and scope.get("method") not in allow.split(", "):
+            await _reply(send, 405, "method not allowed", [(b"allow", allow.encode())])
+            return
         if is_write(scope):
             write_key, limit = SETTINGS["write_key"], SETTINGS["max_write_body_bytes"]
             # no write key: a read-only deployment, which the route itself says (403)
@@ -78,9 +95,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _reply(send: Any, status: int, detail: str) -> None:
+async def _reply(send: Any, status: int, detail: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})

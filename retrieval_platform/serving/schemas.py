@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from retrieval_platform.catalog.live import WriteOp, WriteResult
 
 MAX_QUERY_CHARS = 512
 MAX_K = 100
@@ -133,9 +135,13 @@ class ProductPatch(BaseModel):
     only; a field the product's text is rendered from (title, description, brand, category,
     attributes) re-embeds it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # at least one field: the schema says so (minProperties), the handler checks it
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"minProperties": 1})
 
-    title: str | None = Field(None, min_length=1, max_length=10_000)
+    title: str = Field(None, min_length=1, max_length=10_000,  # type: ignore[assignment]
+                       json_schema_extra={"pattern": r"[^ \t\n\r\f\v]"},
+                       description="a new title (it cannot be removed)")
     description: str | None = Field(None, max_length=100_000)
     brand: str | None = Field(None, max_length=256)
     category: str | None = Field(None, max_length=10_000)
@@ -145,8 +151,8 @@ class ProductPatch(BaseModel):
 
     @field_validator("title")
     @classmethod
-    def _title_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip(BLANK):
+    def _title_not_blank(cls, value: str) -> str:
+        if not value.strip(BLANK):
             raise ValueError("title must contain non-whitespace characters")
         return value
 
@@ -154,8 +160,6 @@ class ProductPatch(BaseModel):
         fields = self.model_dump(exclude_unset=True)
         if not fields:
             raise ValueError("a patch must name at least one field")
-        if "title" in fields and fields["title"] is None:
-            raise ValueError("title cannot be removed")
         return fields
 
 
@@ -195,3 +199,23 @@ class ProductRecord(BaseModel):
     product_id: str
     record: dict
     position: int = Field(..., description="the writer's change log position")
+
+
+def write_op(item: BulkItem) -> WriteOp | WriteResult:
+    """A bulk item as a write, or its rejection (422) when its product does not validate."""
+    try:
+        if item.op == "delete":
+            if item.product is not None:
+                raise ValueError("a delete takes no product")
+            return WriteOp("delete", item.product_id)
+        if item.product is None:
+            raise ValueError(f"an {item.op} needs a product")
+        if item.op == "upsert":
+            return WriteOp("upsert", item.product_id,
+                           ProductFields.model_validate(item.product).model_dump())
+        return WriteOp("patch", item.product_id,
+                       ProductPatch.model_validate(item.product).changed())
+    except (ValidationError, ValueError) as exc:
+        message = (exc.errors(include_url=False, include_input=False)
+                   if isinstance(exc, ValidationError) else str(exc))
+        return WriteResult(item.product_id, item.op, 422, "rejected", error=str(message))

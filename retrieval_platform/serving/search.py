@@ -18,7 +18,6 @@ from retrieval_platform.encoder.model import (
     model_info,
     resolve_model_folder,
 )
-from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import merge_topk
 from retrieval_platform.index.live import LiveShard, load_live_lexical, load_live_shard
 from retrieval_platform.index.store import (
@@ -116,20 +115,6 @@ def merge_hits(per_shard: list[list[HitRecord]], k: int) -> list[HitRecord]:
     Is = [np.array([[h["row"] for h in hits] + [-1] * (width - len(hits))]) for hits in per_shard]
     _, I = merge_topk(Ds, Is, k)
     return [by_row[int(i)] for i in I[0] if i >= 0]
-
-
-def lexical_hits(bm25: BM25Retriever, meta: Any, query: str, k: int,
-                 filters: CatalogFilter | None) -> list[HitRecord]:
-    mask = None if filters is None or filters.empty else filters.mask(meta)
-    hits = bm25.search([query], k, mask=mask)[0]
-    rows = {p: i for i, p in enumerate(bm25.product_ids)}
-    out = []
-    for product_id, score in hits:
-        m = meta.slice(rows[product_id], 1).to_pylist()[0]
-        out.append({"product_id": product_id, "title": m["title"], "score": score, "shard": None,
-                    "category": m["category"], "price": m["price"],
-                    "in_stock": m.get("in_stock"), "row": rows[product_id]})
-    return out
 
 
 def fuse_hits(dense: list[HitRecord], lexical: list[HitRecord], k: int,

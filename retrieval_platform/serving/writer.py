@@ -101,23 +101,25 @@ class CatalogWriter:
         assert self.catalog is not None and self.log is not None
         started = time.perf_counter()
         staged, overlay = self.catalog.stage(ops)
-        todo = [s for s in staged if isinstance(s, Staged)]
-        texts = [s.text for s in todo if s.op == "upsert"]
-        vectors = {}
+        # per upsert and model: the vector given with the write (the bulk job's), else embedded
+        given = [(s, (op.vectors or {}) if s.op == "upsert" and op.op == "upsert" else {})
+                 for op, s in zip(ops, staged, strict=True) if isinstance(s, Staged)]
+        vectors: dict[tuple[int, str], Any] = {}
         try:
             for key, versions in self.models.items():
-                if texts:
-                    vectors[key] = await self.encoder.encode_products.remote(versions, texts)
+                missing = [i for i, (s, v) in enumerate(given) if s.op == "upsert" and key not in v]
+                if missing:
+                    xb = await self.encoder.encode_products.remote(
+                        versions, [given[i][0].text for i in missing])
+                    vectors |= {(i, key): xb[j] for j, i in enumerate(missing)}
         except Exception as exc:
             raise WriteUnavailable(f"the encoder could not embed the products ({exc!r})") \
                 from None
         embedded = time.perf_counter()
-        seq, row, now, changes = self.catalog.position + 1, 0, time.time(), []
-        for s in todo:
-            vecs = {}
-            if s.op == "upsert":
-                vecs = {key: encode_vector(v[row]) for key, v in vectors.items()}
-                row += 1
+        seq, now, changes = self.catalog.position + 1, time.time(), []
+        for i, (s, v) in enumerate(given):
+            vecs = ({key: encode_vector(v[key] if key in v else vectors[(i, key)])
+                     for key in self.models} if s.op == "upsert" else {})
             changes.append(Change(seq + len(changes), s.op, s.product_id, s.record, vecs, now))
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.log.append, changes)
@@ -129,7 +131,7 @@ class CatalogWriter:
         self.catalog.commit(overlay, seq + len(changes) - 1)
         self.group_latency.observe((embedded - started) * 1000, tags={"stage": "embed"})
         self.group_latency.observe((time.perf_counter() - embedded) * 1000, tags={"stage": "log"})
-        results, logged = [], iter(changes)
+        results, logged = [], iter(changes)  # staged writes in order, each with its change
         for s in staged:
             if isinstance(s, Staged):
                 change = next(logged)
