@@ -171,7 +171,10 @@ class LiveCatalog:
         """The whole current catalog in the prepared schema's columns (compaction)."""
         keep = [i for p, i in self.base_pos.items() if p not in self.changed]
         base = self.base.take(pa.array(keep, pa.int64()))
-        changed = [r for r in self.changed.values() if r is not None]
+        # attributes come back from the log's JSON as [key, value] lists; Arrow maps want pairs
+        changed = [r | {"attributes": [tuple(a) for a in r["attributes"]] if r.get("attributes")
+                        else None}
+                   for r in self.changed.values() if r is not None]
         if not changed:
             return base
         extra = pa.Table.from_pylist(changed, schema=base.select(list(STORED)).schema)
