@@ -124,7 +124,11 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--index", help="an index version to copy (else one is built)")
     parser.add_argument("--port", type=int, default=8013)
-    parser.add_argument("--search-rate", type=float, default=15.0)
+    parser.add_argument("--search-rate", type=float, default=6.0,
+                        help="dense searches a second (open loop): below the box's capacity")
+    parser.add_argument("--write-rate", type=float, default=4.0,
+                        help="write requests a second beside them: half single upserts, half "
+                             "bulk patches of 100")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -208,13 +212,15 @@ def main() -> None:
 
         return await asyncio.gather(
             open_loop(url, search, args.search_rate, args.duration),
-            open_loop(url, write, 10.0, args.duration, headers={"X-Write-Key": WRITE_KEY}))
+            open_loop(url, write, args.write_rate, args.duration,
+                      headers={"X-Write-Key": WRITE_KEY}))
 
     loaded, write_load = asyncio.run(with_writes())
     serve.shutdown()
     search_rows = {"alone": alone.summary(), "with writes": loaded.summary(),
                    "write load": write_load.summary() | {
-                       "what": "10 requests/s: 5 single upserts + 5 bulk patches of 100 a second"}}
+                       "what": f"{args.write_rate:g} requests/s: half single upserts, half bulk "
+                               "patches of 100"}}
     ratio = round(search_rows["with writes"]["p99_ms"] / search_rows["alone"]["p99_ms"], 2)
     out = {"prepared": args.prepared, "model": args.model, "cpus": cpus,
            "products": len(ids), "plain_embedding_per_s": round(plain_rate, 1),
