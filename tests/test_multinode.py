@@ -399,8 +399,9 @@ def _write_stream_with_a_node_kill(cluster: dict, url: str) -> dict:
     writer's, if it is not on the head) is killed: a write answered 503 is retried (it was not
     acknowledged); afterwards every acknowledged one is served, with its last price, by the
     replicas the cluster has then (replayed from the log in S3)."""
+    alive = set(cluster["alive"]())
     cluster["add"]("worker_d")
-    cluster["wait_for"]({"head", "worker_d"})
+    cluster["wait_for"](alive | {"worker_d"})
     headers = {"X-Write-Key": WRITE_KEY}
     acked: dict[str, tuple[int, float]] = {}  # product -> (seq, price)
     retried, killed = 0, []
