@@ -443,6 +443,11 @@ class Ingress:
             # been logged would be logged twice (harmless, but not what was asked)
             return await asyncio.wait_for(self.writer.write.remote(ops),
                                           timeout=self.write_timeout_s)
+        except TimeoutError:
+            raise HTTPException(503, f"the write did not finish in {self.write_timeout_s:g}s "
+                                     "and may still be applied; retry it (a write repeated "
+                                     "leaves the same catalog)",
+                                headers={"Retry-After": "1"}) from None
         except Exception as exc:
             log.warning("write failed: %r", exc)
             raise HTTPException(503, f"the write was not applied ({type(exc).__name__}); "
