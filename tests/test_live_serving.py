@@ -60,6 +60,7 @@ def live(ray_local, tmp_path_factory):
     (root / "read_key").write_text(READ_KEY)
     (root / "write_key").write_text(WRITE_KEY)
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier module keeps its own port: start afresh
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(index=str(v1), api_key_file=str(root / "read_key"),
                    write_key_file=str(root / "write_key"), shard_replicas=2,
@@ -73,7 +74,7 @@ def live(ray_local, tmp_path_factory):
     yield {"root": root, "v1": v1, "reader": reader, "writer": writer, "base": base}
     reader.close()
     writer.close()
-    serve.delete("live")
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def _search(client, query, mode="dense", k=10, filters=None) -> dict:
