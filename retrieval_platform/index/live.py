@@ -173,7 +173,40 @@ _DELTA_SCHEMA = pa.schema([("product_id", pa.string()), ("title", pa.string()),
                            ("in_stock", pa.bool_())])
 
 
-class LiveShard:
+class _LiveSegment:
+    """What a shard and the lexical index share: a base's rows (``meta``), a delta segment,
+    the log position applied and the one rule for applying a change; ``_add`` puts an
+    upserted product into the delta."""
+
+    meta: LiveRows
+    delta: DeltaSegment
+    position: int
+    lock: threading.Lock
+
+    def _add(self, c: Change) -> None:
+        raise NotImplementedError
+
+    def apply(self, changes: Iterable[Change]) -> int:
+        """Apply the changes after ``position``; returns how many were new."""
+        applied = 0
+        with self.lock:
+            for c in changes:
+                if c.seq <= self.position:
+                    continue  # a replay: already here
+                if c.op == "patch":
+                    self.meta.patch(c.product_id, c.record or {})
+                    self.delta.patch(c.product_id, c.record or {})
+                else:  # delete, or upsert: the product's old entry goes, wherever it is
+                    self.meta.kill(c.product_id)
+                    self.delta.kill(c.product_id)
+                    if c.op == "upsert":
+                        self._add(c)
+                self.position = c.seq
+                applied += 1
+        return applied
+
+
+class LiveShard(_LiveSegment):
     """One shard of a version with the log's changes applied from ``position`` on; searched
     like a :class:`LoadedShard` (``search``, ``rows``: global rows, delta ones from
     :data:`DELTA_ROW0`)."""
@@ -189,26 +222,10 @@ class LiveShard:
         self.delta = DeltaSegment(base.index.d)
         self.lock = threading.Lock()
 
-    def apply(self, changes: Iterable[Change]) -> int:
-        """Apply the changes after ``position``; returns how many were new."""
-        applied = 0
-        with self.lock:
-            for c in changes:
-                if c.seq <= self.position:
-                    continue  # a replay: already here
-                if c.op == "patch":
-                    self.meta.patch(c.product_id, c.record or {})
-                    self.delta.patch(c.product_id, c.record or {})
-                else:  # delete, or upsert: the product's old entry goes, wherever it is
-                    self.meta.kill(c.product_id)
-                    self.delta.kill(c.product_id)
-                    if c.op == "upsert" and home_shard(c.product_id, self.num_shards) \
-                            == self.shard_id:
-                        self.delta.add(c.product_id, DELTA_ROW0 + c.seq, c.record or {},
-                                       c.vector(self.vector_key))
-                self.position = c.seq
-                applied += 1
-        return applied
+    def _add(self, c: Change) -> None:
+        if home_shard(c.product_id, self.num_shards) == self.shard_id:
+            self.delta.add(c.product_id, DELTA_ROW0 + c.seq, c.record or {},
+                           c.vector(self.vector_key))
 
     def search(self, xq: np.ndarray, k: int, filters: CatalogFilter | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +299,7 @@ class LexicalStats:
                          for t in query_terms if t in doc_tf))
 
 
-class LiveLexical:
+class LiveLexical(_LiveSegment):
     """The catalog-wide BM25 of a version with the log's changes applied: base hits (tombstones
     and patched filters masked) merged with the delta documents scored by
     :class:`LexicalStats`."""
@@ -297,25 +314,10 @@ class LiveLexical:
         self.position = position
         self.lock = threading.Lock()
 
-    def apply(self, changes: Iterable[Change]) -> int:
-        applied = 0
-        with self.lock:
-            for c in changes:
-                if c.seq <= self.position:
-                    continue
-                if c.op == "patch":
-                    self.meta.patch(c.product_id, c.record or {})
-                    self.delta.patch(c.product_id, c.record or {})
-                else:
-                    self.meta.kill(c.product_id)
-                    self.delta.kill(c.product_id)
-                    if c.op == "upsert":
-                        tokens = self.bm25.terms((c.record or {}).get("text") or "")
-                        self.terms[len(self.delta.ids)] = (Counter(tokens), len(tokens))
-                        self.delta.add(c.product_id, DELTA_ROW0 + c.seq, c.record or {})
-                self.position = c.seq
-                applied += 1
-        return applied
+    def _add(self, c: Change) -> None:
+        tokens = self.bm25.terms((c.record or {}).get("text") or "")
+        self.terms[len(self.delta.ids)] = (Counter(tokens), len(tokens))
+        self.delta.add(c.product_id, DELTA_ROW0 + c.seq, c.record or {})
 
     def search(self, query: str, k: int, filters: CatalogFilter | None) -> list[dict[str, Any]]:
         """Top-k hit records (product_id, title, score, category, price, in_stock, row)."""

@@ -105,6 +105,12 @@ class Health(BaseModel):
 MAX_PRODUCT_ID_CHARS = 256
 
 
+def _non_blank_title(value: str) -> str:
+    if not value.strip(BLANK):
+        raise ValueError("title must contain non-whitespace characters")
+    return value
+
+
 class ProductFields(BaseModel):
     """A whole product (``PUT /products/{id}``): the prepared catalog's fields. The text the
     encoder embeds is rendered from them exactly as the index build renders it."""
@@ -122,12 +128,7 @@ class ProductFields(BaseModel):
     in_stock: bool | None = Field(None, description="false: out of stock (null: unknown, "
                                   "counted as in stock by the in_stock filter)")
 
-    @field_validator("title")
-    @classmethod
-    def _title_not_blank(cls, value: str) -> str:
-        if not value.strip(BLANK):
-            raise ValueError("title must contain non-whitespace characters")
-        return value
+    _title_not_blank = field_validator("title")(_non_blank_title)
 
 
 class ProductPatch(BaseModel):
@@ -149,12 +150,7 @@ class ProductPatch(BaseModel):
     price: float | None = Field(None, ge=0, allow_inf_nan=False)
     in_stock: bool | None = None
 
-    @field_validator("title")
-    @classmethod
-    def _title_not_blank(cls, value: str) -> str:
-        if not value.strip(BLANK):
-            raise ValueError("title must contain non-whitespace characters")
-        return value
+    _title_not_blank = field_validator("title")(_non_blank_title)
 
     def changed(self) -> dict:
         fields = self.model_dump(exclude_unset=True)
