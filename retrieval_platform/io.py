@@ -45,7 +45,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file in one step: readers see the old content or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -77,13 +77,20 @@ def exists(location: str | Path) -> bool:
 
 def read_text(location: str | Path) -> str:
     if not is_remote(location):
-        return Path(_local(location)).read_text()
+        return Path(_local(location)).read_text(encoding="utf-8")
     filesystem, path = _filesystem(str(location))
     try:
         with filesystem.open_input_stream(path) as stream:
             return stream.read().decode()
     except FileNotFoundError:
         raise PlatformError(f"{location}: not found") from None
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split on "\n" only. ``str.splitlines`` also splits on
+    U+0085, U+2028 and others, which JSON leaves unescaped inside strings (a product id from a
+    user may hold them), and would cut a record in two."""
+    return [line.rstrip("\r") for line in text.split("\n")]
 
 
 def write_text(location: str | Path, text: str) -> None:

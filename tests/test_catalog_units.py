@@ -120,3 +120,13 @@ def test_synthetic_labels_follow_the_rules():
             t_comp = {products.loc[p, "category"].split(" > ")[-1].lower() for p in comp}
             assert len(t_exact) == 1, queries[qid]  # one product type is exact
             assert not t_exact & t_comp
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "a\x7fb", "a\x85b", "a\u2028b", "a\u2029b", "x" * 257])
+def test_a_product_id_with_a_control_or_line_separator_is_rejected(bad):
+    from retrieval_platform.catalog.validate import RowError, validate_product
+
+    with pytest.raises(RowError, match="not a valid id"):
+        validate_product({"product_id": bad, "title": "a kettle"})
+    assert validate_product({"product_id": "sku-ü 42", "title": "a kettle"})["product_id"] \
+        == "sku-ü 42"

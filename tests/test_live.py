@@ -151,3 +151,16 @@ def test_the_change_log_appends_polls_replays_and_refuses_a_second_writer(tmp_pa
     log.append([Change(5, "delete", "e")])  # 4 never written: a gap
     with pytest.raises(ChangeLogError, match="missing"):
         list(log.read_after(0))
+
+
+def test_a_product_id_with_unicode_line_separators_stays_one_change(tmp_path):
+    """JSON leaves U+0085 / U+2028 / U+2029 / U+001C unescaped inside strings, and
+    ``str.splitlines`` splits on them: the log must split on newlines only (a fuzzed id once
+    cut a segment in two and stopped every follower)."""
+    ids = ["a\x85b", "c\u2028d", "e\u2029f", "g\x1ch", "i\x0bj"]
+    log = ChangeLog(str(tmp_path / "_changes"))
+    log.append([Change(n, "patch", pid, {"price": 1.0}) for n, pid in enumerate(ids, 1)])
+    assert [c.product_id for c in log.read_after(0)] == ids
+    (tmp_path / "_changes" / "000000000006.jsonl").write_text('{"seq": 6, "op": "del')
+    with pytest.raises(ChangeLogError, match="corrupted"):
+        list(log.read_after(0))

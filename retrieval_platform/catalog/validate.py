@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,9 @@ from retrieval_platform.catalog.text import (
 )
 
 MAX_ID_CHARS = 256
+# control characters (C0, DEL, C1), lone surrogates, line and paragraph separators: an id is
+# printed in logs, URLs and JSON Lines, where each of these breaks a line or a parser
+_NOT_IN_IDS = frozenset({"Cc", "Cs", "Zl", "Zp"})
 MAX_QUERY_CHARS = 1000
 MAX_TEXT_CHARS = 100_000
 
@@ -104,7 +108,7 @@ def _identifier(row: Mapping[str, Any], name: str) -> str:
     text = text.strip() if text else ""
     if not text:
         raise RowError(f"{name}: missing or empty")
-    if len(text) > MAX_ID_CHARS or any(ord(c) < 32 for c in text):
+    if len(text) > MAX_ID_CHARS or any(unicodedata.category(c) in _NOT_IN_IDS for c in text):
         raise RowError(f"{name}: not a valid id ({text[:40]!r})")
     return text
 

@@ -164,7 +164,11 @@ class ChangeLog:
             text = storage.read_text(target)
         except (FileNotFoundError, PlatformError):
             return []
-        changes = [Change.from_json(line) for line in text.splitlines() if line.strip()]
+        try:
+            changes = [Change.from_json(line) for line in storage.jsonl_lines(text)
+                       if line.strip()]
+        except (ValueError, TypeError) as exc:
+            raise ChangeLogError(f"{target}: corrupted segment ({exc})") from None
         if not changes or changes[0].seq != first_seq:
             raise ChangeLogError(f"{target}: corrupted segment (first change is not {first_seq})")
         return changes

@@ -126,7 +126,7 @@ def _lines(location: str) -> list[tuple[int, str]]:
             text = storage.read_text(f)
         except (OSError, PlatformError) as exc:
             raise PlatformError(f"{f}: cannot read the changes ({exc})") from None
-        out += [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        out += [(n, line) for n, line in enumerate(storage.jsonl_lines(text), 1) if line.strip()]
     return out
 
 
