@@ -38,8 +38,9 @@ from retrieval_platform.encoder.lora import LoraSettings
 from retrieval_platform.encoder.model import resolve_precision
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, sample_negatives
+from retrieval_platform.training.grad_cache import backward
 from retrieval_platform.training.loop import batch_columns, load_init, lr_at
-from retrieval_platform.training.objectives import contrastive_step
+from retrieval_platform.training.objectives import stage1_objective
 from retrieval_platform.training.trainer import train
 
 
@@ -61,10 +62,9 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
                                  cfg.data.hard_negatives, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = contrastive_step(model, model, batch, cfg)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, model, stage1_objective(batch, cfg), cfg.optim.length_bucket,
+                 lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
         opt.step()
     return steps * global_batch / (time.perf_counter() - start)
 

@@ -64,7 +64,7 @@ def test_embed_has_gradients_and_matches_encode(tiny):
 def test_length_bucketed_embedding_equals_one_padded_pass(tiny):
     """Training embeds a step's texts sorted by length in chunks: same vectors, same order,
     same gradients as one padded pass, with less padding computed."""
-    from retrieval_platform.training.objectives import embed_bucketed
+    from retrieval_platform.training.grad_cache import embed_bucketed
 
     texts = ["a very long stainless steel electric kettle name with many words", "kettle",
              "red shoes", "a", "blue cordless drill 18v with two batteries", "lamp"]

@@ -22,8 +22,9 @@ from retrieval_platform.training.examples import (
     roar_examples,
     sample_negatives,
 )
+from retrieval_platform.training.grad_cache import loss_with_graph
 from retrieval_platform.training.mining import MineConfig, mine_negatives
-from retrieval_platform.training.objectives import contrastive_step
+from retrieval_platform.training.objectives import stage1_objective
 from retrieval_platform.training.trainer import train
 from tests.chaos import train_with_a_worker_killed
 
@@ -110,11 +111,11 @@ def test_stage1_mask_excludes_variant_group_duplicates(prepared):
              "pos_key": [key64(a.product_id), key64(b.product_id)],
              "pos_group_key": [key64(a.variant_group)] * 2, "query_pos_keys": [[], []],
              "neg_texts": [[], []], "neg_keys": [[], []], "neg_group_keys": [[], []]}
-    loss, metrics = contrastive_step(model, model, batch, cfg)
+    loss, metrics = loss_with_graph(model, model, stage1_objective(batch, cfg), 0)
     assert metrics["masked_fraction"] == 1.0  # both off-diagonal candidates are variants
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # nothing left to push away
     cfg.loss.catalog_rule = False
-    loss, metrics = contrastive_step(model, model, batch, cfg)
+    loss, metrics = loss_with_graph(model, model, stage1_objective(batch, cfg), 0)
     assert metrics["masked_fraction"] == 0.0 and loss.item() > 0
 
 
@@ -158,6 +159,20 @@ def test_a_rerun_under_the_same_name_resumes(stage1, prepared):
     again = train(_cfg(prepared, tmp, "s1", optim__max_steps=6, data__hard_negatives=1))
     assert again.metrics["resumed_from_step"] == 4 and again.metrics["step"] == 6
     assert model_info(again.model_dir)["metadata"]["step"] == 6
+
+
+def test_both_stages_train_with_gradient_caching_on_two_workers(stage1, prepared, tmp_path):
+    """optim.grad_cache under DDP: chunks of 2 texts (workers' chunk counts differ in stage 2),
+    every chunk but the last inside no_sync; the run trains and finishes (tests/
+    test_grad_cache.py holds the gradients to the uncached ones)."""
+    _, init, s1 = stage1
+    cached = train(_cfg(prepared, tmp_path, "gc1", data__hard_negatives=1,
+                        optim__grad_cache=True, optim__length_bucket=2, optim__max_steps=2))
+    assert cached.metrics["step"] == 2 and math.isfinite(cached.metrics["loss"])
+    assert _changed(init, _weights(cached.model_dir))
+    s2 = train(_cfg(prepared, tmp_path, "gc2", "roar", model__init=s1.model_dir,
+                    optim__grad_cache=True, optim__length_bucket=2, optim__max_steps=2))
+    assert s2.metrics["step"] == 2 and math.isfinite(s2.metrics["loss"])
 
 
 def test_stage2_starts_from_stage1s_model(stage1, prepared, tmp_path):

@@ -7,6 +7,7 @@ from typing import Literal
 
 from retrieval_platform.encoder.lora import LoraSettings
 from retrieval_platform.tracking import TrackingConfig
+from retrieval_platform.training.augment import AugmentConfig
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DataConfig:
     negatives_path: str | None = None  # Parquet from data_jobs.mine_negatives
     hard_negatives: int = 0  # H per stage-1 pair, drawn from the mined pool every epoch
     max_pairs_per_query: int | None = None
+    # stage 1: extra pairs whose query is a training query misspelt or with its number and unit
+    # written another way (training/augment.py); null: none
+    augment: AugmentConfig | None = None
     positive_threshold: float | None = None  # stage-1 positives: grade >= this (None: scale's)
     max_candidates: int = 16  # stage 2: graded candidates per query
     # stage 2: mined products per query; in the batch's candidates without a grade (the lowest
@@ -56,6 +60,11 @@ class OptimConfig:
     # texts per forward pass: a step's texts are sorted by length and embedded in chunks this
     # size, each padded only to its own longest text (same loss, less padding); 0: one pass
     length_bucket: int = 32
+    # gradient caching (training/grad_cache.py): the batch is embedded without a graph, the
+    # loss taken on the whole of it, then each length_bucket chunk re-embedded and
+    # back-propagated alone. Same gradients, memory of one chunk, a second forward pass: for
+    # batches whose activations do not fit.
+    grad_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:

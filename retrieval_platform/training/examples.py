@@ -27,6 +27,7 @@ import pyarrow as pa
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.metrics import grade_bin
+from retrieval_platform.training.augment import AugmentConfig, augment_queries, vocabulary
 from retrieval_platform.training.mining import read_negatives
 
 
@@ -98,6 +99,7 @@ def contrastive_examples(
     negatives_path: str | None = None,
     max_pairs_per_query: int | None = None,
     positive_threshold: float | None = None,
+    augment: AugmentConfig | None = None,
     seed: int = 0,
 ) -> pa.Table:
     """Stage-1 pairs, shuffled with ``seed``: one row per (query, positive), positive = a judged
@@ -108,7 +110,11 @@ def contrastive_examples(
     above the scale's lowest grade and every variant of a positive (the miner's rules, applied
     again here in case the file came from elsewhere); where the pool is short of
     ``hard_negatives``, random catalog products fill it. With ``hard_negatives: 0`` the pool is
-    empty and the batch's other positives are the only negatives (plain in-batch InfoNCE)."""
+    empty and the batch's other positives are the only negatives (plain in-batch InfoNCE).
+
+    ``augment`` adds, for each pair, the same pair with each of its query's variants
+    (:mod:`retrieval_platform.training.augment`: typos, spacing and unit forms); a variant's
+    ``query_id`` is its query's with ``#aug<n>``."""
     cat = _Catalog(ds, seed)
     scale = ds.scale
     threshold = scale.positive_threshold if positive_threshold is None else positive_threshold
@@ -116,6 +122,8 @@ def contrastive_examples(
     judged = ds.qrels(split)
     positives = ds.positives(split, threshold)
     mined = read_negatives(negatives_path) if hard_negatives else {}
+    variants = augment_queries({q: qtext[q] for q in positives}, vocabulary(cat.text.values()),
+                               augment) if augment else {}
 
     rows: dict[str, list] = defaultdict(list)
     for qid in sorted(positives):
@@ -130,9 +138,11 @@ def contrastive_examples(
         while len(pool) < hard_negatives:  # random products fill a short pool
             pool += [n for n in cat.random(hard_negatives - len(pool))
                      if n not in not_negative and cat.group[n] not in pos_groups]
-        for p in pos:
-            rows["query_id"].append(qid)
-            rows["query_text"].append(qtext[qid])
+        asked = [(qid, qtext[qid])] + [(f"{qid}#aug{n}", v)
+                                       for n, v in enumerate(variants.get(qid, []), 1)]
+        for (query_id, text), p in ((a, p) for a in asked for p in pos):
+            rows["query_id"].append(query_id)
+            rows["query_text"].append(text)
             rows["pos_text"].append(cat.text[p])
             rows["pos_key"].append(key64(p))
             rows["pos_group_key"].append(key64(cat.group[p]))

@@ -32,7 +32,8 @@ from retrieval_platform.training.checkpoint import (
 )
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import sample_negatives
-from retrieval_platform.training.objectives import STEPS
+from retrieval_platform.training.grad_cache import backward, cached_backward
+from retrieval_platform.training.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,15 @@ def _step(cfg: TrainConfig, model: DualEncoder, forward: Any, optimizer: torch.o
     """One optimizer step of the stage's objective at learning rate ``lr``; its metrics."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # bf16 autocast covers the backbone; scores and losses run in float32 (losses/).
-    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
-                        enabled=bf16):
-        loss, metrics = STEPS[cfg.stage](model, forward, columns, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    run = cached_backward if cfg.optim.grad_cache else backward
+    device_type = next(model.parameters()).device.type
+
+    def autocast() -> torch.autocast:  # bf16 covers the backbone; losses run in fp32 (losses/)
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+
+    _, metrics = run(model, forward, OBJECTIVES[cfg.stage](columns, cfg),
+                     cfg.optim.length_bucket, autocast)
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()

@@ -2,10 +2,12 @@
 :mod:`retrieval_platform.losses` (pure functions on embeddings) fed with every worker's queries
 and candidates (:mod:`retrieval_platform.training.distributed`) and the keys Eq. 2's masks need.
 
-Stage 1 (:func:`contrastive_step`): Eq. 1–3. Stage 2 (:func:`roar_step`): Eq. 7 = L₁ + β ·
-L_align (Eq. 4–6), ROAR's softmax over every candidate of the batch. Each is summed over the
-Matryoshka dimensions (METHOD.md "Encoder"), and returned times the world size, so that DDP's
-average of the workers' gradients is the global loss's gradient.
+Stage 1 (:func:`stage1_objective`): Eq. 1–3. Stage 2 (:func:`stage2_objective`): Eq. 7 =
+L₁ + β · L_align (Eq. 4–6), ROAR's softmax over every candidate of the batch. Each is summed
+over the Matryoshka dimensions (METHOD.md "Encoder"), and returned times the world size, so
+that DDP's average of the workers' gradients is the global loss's gradient. An objective is the
+texts to embed and the loss on their embeddings (:class:`Objective`): how the embeddings are
+made, one graph or gradient-cached chunks, is :mod:`retrieval_platform.training.grad_cache`'s.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval_platform.encoder.model import DualEncoder, length_chunks, truncate
+from retrieval_platform.encoder.model import truncate
 from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.distributed import (
@@ -107,44 +109,34 @@ def global_contrastive_loss(q_local: torch.Tensor, c_local: torch.Tensor, keys: 
     return sum(o.loss for o in outs) * size_of_world, outs[0]  # metrics: the full dimension
 
 
-def embed_bucketed(model: DualEncoder, forward: Any, texts: list[str], kind: str,
-                   bucket: int) -> torch.Tensor:
-    """(N, D) embeddings with gradients, in ``texts``' order: the texts sorted by length and
-    embedded ``bucket`` at a time, each chunk padded only to its own longest text. The vectors
-    (and so the loss) equal one padded pass's; the padding, most of a batch of short product
-    titles next to a few long ones, is not computed. ``bucket`` 0: one pass."""
-    device = next(model.parameters()).device
+@dataclass
+class Objective:
+    """One step's objective, split where gradient caching needs it: the texts to embed, and
+    the loss on their embeddings (:mod:`retrieval_platform.training.grad_cache` runs it with
+    or without a cache; either way the loss and its gradients are the same)."""
 
-    def embed(batch: list[str]) -> torch.Tensor:
-        return forward(**{k: v.to(device) for k, v in model.tokenize(batch, kind).items()})
-
-    if not bucket or len(texts) <= bucket:
-        return embed(texts)  # (N, D)
-    chunks = length_chunks(texts, bucket)
-    parts = [embed([texts[i] for i in idx]) for idx in chunks]
-    inverse = torch.empty(len(texts), dtype=torch.long, device=device)
-    inverse[torch.tensor([i for idx in chunks for i in idx], device=device)] = torch.arange(
-        len(texts), device=device)
-    return torch.cat(parts)[inverse]  # (N, D)
+    texts: list[tuple[list[str], str]]  # each: the texts and their kind ("query" / "product")
+    loss_on: Callable[[list[torch.Tensor]], tuple[torch.Tensor, Metrics]]  # embeddings in order
 
 
-def contrastive_step(model: DualEncoder, forward: Any, batch: SampledPairBatch,
-                     cfg: TrainConfig) -> tuple[torch.Tensor, Metrics]:
+def stage1_objective(batch: SampledPairBatch, cfg: TrainConfig) -> Objective:
     """Eq. 1–3 on one batch of pairs; candidates = all positives and negatives of all workers."""
     texts = list(batch["pos_text"]) + [t for negs in batch["neg_texts"] for t in negs]
-    bucket = cfg.optim.length_bucket
-    q_local = embed_bucketed(model, forward, list(batch["query_text"]), "query", bucket)  # (B, D)
-    c_local = embed_bucketed(model, forward, texts, "product", bucket)  # (B + ΣH, D)
     keys = torch.tensor(list(batch["pos_key"]) + [k for ks in batch["neg_keys"] for k in ks])
     groups = torch.tensor(list(batch["pos_group_key"])
                           + [k for ks in batch["neg_group_keys"] for k in ks])
-    loss, out = global_contrastive_loss(q_local, c_local, keys, groups,
-                                        list(batch["query_pos_keys"]), cfg)
-    return loss, {
-        "loss": out.loss.item(), "masked_fraction": out.masked_fraction.item(),
-        "margin_masked_fraction": out.margin_masked_fraction.item(),
-        "known_masked_fraction": out.known_masked_fraction.item(),
-        "in_batch_accuracy": out.accuracy.item()}
+
+    def loss_on(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        q_local, c_local = embeddings  # (B, D), (B + ΣH, D)
+        loss, out = global_contrastive_loss(q_local, c_local, keys, groups,
+                                            list(batch["query_pos_keys"]), cfg)
+        return loss, {
+            "loss": out.loss.item(), "masked_fraction": out.masked_fraction.item(),
+            "margin_masked_fraction": out.margin_masked_fraction.item(),
+            "known_masked_fraction": out.known_masked_fraction.item(),
+            "in_batch_accuracy": out.accuracy.item()}
+
+    return Objective([(list(batch["query_text"]), "query"), (texts, "product")], loss_on)
 
 
 @dataclass
@@ -204,23 +196,24 @@ def _gather_groups(q_local: torch.Tensor, c_local: torch.Tensor, local: _LocalGr
         grade=gathered(local.grade, torch.float32))  # (N,)
 
 
-def roar_step(model: DualEncoder, forward: Any, batch: GroupBatch,
-              cfg: TrainConfig) -> tuple[torch.Tensor, Metrics]:
+def stage2_objective(batch: GroupBatch, cfg: TrainConfig) -> Objective:
     """Eq. 7 on the global batch: L₂ = L₁ + β · L_align, where row i of ROAR's softmax (Eq. 4)
     and L₁'s candidates are every candidate of every worker, and L₁'s positive is the query's
     top-grade product (queries whose top grade is below the positive threshold have none)."""
-    _, size_of_world = world()
     local = _flatten_groups(batch)
-    bucket = cfg.optim.length_bucket
-    q_local = embed_bucketed(model, forward, list(batch["query_text"]), "query", bucket)  # (Q, D)
-    c_local = embed_bucketed(model, forward, local.texts, "product", bucket)  # (N_local, D)
-    full = _gather_groups(q_local, c_local, local, list(batch["query_pos_keys"]))
-    loss, metrics = None, {}
-    for d in matryoshka_dims(cfg, full.queries.shape[1]):  # metrics: the full dimension's
-        loss_d, metrics_d = stage2_loss(full.at_dim(d), cfg)
-        loss, metrics = (loss_d, metrics_d) if loss is None else (loss + loss_d, metrics)
-    metrics["loss"] = loss.item()
-    return loss * size_of_world, metrics
+
+    def loss_on(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        q_local, c_local = embeddings  # (Q, D), (N_local, D)
+        _, size_of_world = world()
+        full = _gather_groups(q_local, c_local, local, list(batch["query_pos_keys"]))
+        loss, metrics = None, {}
+        for d in matryoshka_dims(cfg, full.queries.shape[1]):  # metrics: the full dimension's
+            loss_d, metrics_d = stage2_loss(full.at_dim(d), cfg)
+            loss, metrics = (loss_d, metrics_d) if loss is None else (loss + loss_d, metrics)
+        metrics["loss"] = loss.item()
+        return loss * size_of_world, metrics
+
+    return Objective([(list(batch["query_text"]), "query"), (local.texts, "product")], loss_on)
 
 
 def stage2_loss(batch: GlobalCandidates, cfg: TrainConfig) -> tuple[torch.Tensor, Metrics]:
@@ -248,5 +241,5 @@ def stage2_loss(batch: GlobalCandidates, cfg: TrainConfig) -> tuple[torch.Tensor
     return roar_objective(l1, l_align, beta=cfg.loss.beta), metrics
 
 
-Step = Callable[[DualEncoder, Any, Any, TrainConfig], tuple[torch.Tensor, Metrics]]
-STEPS: dict[str, Step] = {"contrastive": contrastive_step, "roar": roar_step}
+OBJECTIVES: dict[str, Callable[[Any, TrainConfig], Objective]] = {
+    "contrastive": stage1_objective, "roar": stage2_objective}

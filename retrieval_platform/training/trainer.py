@@ -49,7 +49,8 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
             ds, split=cfg.data.split, hard_negatives=cfg.data.hard_negatives,
             negatives_path=cfg.data.negatives_path,
             max_pairs_per_query=cfg.data.max_pairs_per_query,
-            positive_threshold=cfg.data.positive_threshold, seed=cfg.run.seed,
+            positive_threshold=cfg.data.positive_threshold, augment=cfg.data.augment,
+            seed=cfg.run.seed,
         )
     return roar_examples(
         ds, split=cfg.data.split, max_candidates=cfg.data.max_candidates,
