@@ -1,11 +1,10 @@
 """Gradient caching (``optim.grad_cache``): memory and speed of a stage-1 step against the global
 batch, with and without the cache, measured in one run on this machine.
 
-Each (batch, cached) cell runs in a fresh process (one PyTorch process holding every core, the
-step the Ray Train loop runs: ``training.grad_cache.backward`` / ``cached_backward`` on
-``stage1_objective``), so its peak resident memory is its own: ``peak_mb`` (VmHWM) and
-``step_mb``, the peak above the memory after the model loaded, which is what the step's
-activations cost. Pairs/s are over the steps after a warm-up step.
+Each (batch, cached) cell runs in a fresh process (one PyTorch process holding every core,
+``train_throughput.step_loop``: the Ray Train loop's own step), so its peak resident memory is
+its own: ``peak_mb`` (VmHWM) and ``step_mb``, the peak above the memory after the model loaded
+(what the step's activations cost). Pairs/s are over the steps after a warm-up step.
 
     python bench/grad_cache.py [--backbone minilm-l6] [--batches 64 256 1024]
         [--uncached-up-to 256] [--steps 3] [--prepared runs/data/homedepot] [--json OUT]
@@ -18,10 +17,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -35,13 +32,13 @@ def _vm(field: str) -> float:
 
 def child(args: argparse.Namespace) -> None:
     """One cell: prints a JSON line with pairs/s and memory."""
+    from train_throughput import step_loop  # bench/ is the script's folder: on the path
+
     from retrieval_platform.catalog.dataset import PreparedDataset
     from retrieval_platform.config import from_dict
     from retrieval_platform.training.config import TrainConfig
-    from retrieval_platform.training.examples import contrastive_examples, sample_negatives
-    from retrieval_platform.training.grad_cache import backward, cached_backward
-    from retrieval_platform.training.loop import batch_columns, load_init
-    from retrieval_platform.training.objectives import stage1_objective
+    from retrieval_platform.training.examples import contrastive_examples
+    from retrieval_platform.training.loop import load_init
 
     torch.set_num_threads(os.cpu_count() or 2)
     torch.manual_seed(0)
@@ -55,21 +52,9 @@ def child(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
     loaded_mb = _vm("VmRSS")
-    run = cached_backward if args.cached else backward
-    rng = np.random.default_rng(0)
-    start = None
-    for step in range(1 + args.steps):
-        if step == 1:
-            start = time.perf_counter()
-        lo = (step * args.batch) % max(1, examples.num_rows - args.batch)
-        batch = sample_negatives(batch_columns(examples.slice(lo, args.batch)),
-                                 args.negatives, rng)
-        opt.zero_grad(set_to_none=True)
-        run(model, model, stage1_objective(batch, cfg), cfg.optim.length_bucket)
-        opt.step()
-    seconds = time.perf_counter() - start
+    pairs_per_s = step_loop(model, opt, cfg, examples, args.batch, args.steps, warmup=1)
     peak = _vm("VmHWM")
-    print(json.dumps({"pairs_per_s": args.steps * args.batch / seconds,
+    print(json.dumps({"pairs_per_s": pairs_per_s,
                       "peak_mb": peak, "step_mb": peak - loaded_mb}), flush=True)
 
 

@@ -38,7 +38,7 @@ from retrieval_platform.encoder.lora import LoraSettings
 from retrieval_platform.encoder.model import resolve_precision
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, sample_negatives
-from retrieval_platform.training.grad_cache import backward
+from retrieval_platform.training.grad_cache import backward, cached_backward
 from retrieval_platform.training.loop import batch_columns, load_init, lr_at
 from retrieval_platform.training.objectives import stage1_objective
 from retrieval_platform.training.trainer import train
@@ -52,6 +52,14 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
     model = load_init(cfg.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
     model.train()
+    return step_loop(model, opt, cfg, examples, global_batch, steps, warmup, precision)
+
+
+def step_loop(model, opt, cfg: TrainConfig, examples, global_batch: int, steps: int,
+              warmup: int, precision: str = "fp32") -> float:
+    """Stage-1 steps of the training loop's own step (``optim.grad_cache`` picks the cached
+    one) on slices of ``examples``: pairs/s over the steps after the warm-up."""
+    run = cached_backward if cfg.optim.grad_cache else backward
     rng = np.random.default_rng(0)
     start = None
     for step in range(warmup + steps):
@@ -63,8 +71,8 @@ def plain_loop(cfg: TrainConfig, examples, global_batch: int, steps: int, warmup
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        backward(model, model, stage1_objective(batch, cfg), cfg.optim.length_bucket,
-                 lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
+        run(model, model, stage1_objective(batch, cfg), cfg.optim.length_bucket,
+            lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
         opt.step()
     return steps * global_batch / (time.perf_counter() - start)
 
