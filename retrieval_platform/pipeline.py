@@ -162,7 +162,7 @@ def run_pipeline(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
     timings["serve"] = time.monotonic() - started
-    answers = query_examples(url, cfg.examples)
+    answers = query_examples(url, cfg.examples, rerank=bool(cfg.serve.args.get("reranker")))
     return {"address": address, "url": url, "timings": timings, "answers": answers,
             "jobs": jobs, "storage": cfg.fill("{storage}")}
 
@@ -241,16 +241,22 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
     return f"http://127.0.0.1:{cfg.serve.http_port}"
 
 
-def query_examples(url: str, queries: list[str], k: int = 3) -> list[dict[str, Any]]:
+def query_examples(url: str, queries: list[str], k: int = 3, rerank: bool = False
+                   ) -> list[dict[str, Any]]:
+    """Each query in dense and hybrid mode (and hybrid reranked, where a reranker serves)."""
     import httpx
 
     answers = []
+    modes = [("dense", False), ("hybrid", False)] + ([("hybrid", True)] if rerank else [])
     for query in queries:
-        for mode in ("dense", "hybrid"):
-            r = httpx.post(f"{url}/search", json={"query": query, "k": k, "mode": mode},
-                           timeout=30)
+        for mode, reranked in modes:
+            r = httpx.post(f"{url}/search", json={"query": query, "k": k, "mode": mode,
+                                                  "rerank": reranked}, timeout=30)
             r.raise_for_status()
             body = r.json()
+            if reranked:
+                mode += ", reranked" if body["reranked"] else ", not reranked: " + str(
+                    body["rerank_error"])
             answers.append({"query": query, "mode": mode,
                             "results": [(h["title"], round(h["score"], 3))
                                         for h in body["results"]],

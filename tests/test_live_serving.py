@@ -263,6 +263,13 @@ def test_a_write_stream_under_load_ends_as_a_scratch_build(live):
         assert _ids(_search(reader, q, k=10)) == [h["product_id"] for h in scratch.search(q, 10)]
 
 
+def test_a_rerank_asked_of_a_deployment_without_a_reranker_is_400(live):
+    r = live["reader"].post("/search", json={"query": "drill", "rerank": True})
+    assert r.status_code == 400 and "no reranker" in r.text
+    unset = live["reader"].post("/search", json={"query": "drill", "rerank": False})
+    assert unset.status_code == 200 and not unset.json()["reranked"]
+
+
 def test_bad_writes_are_4xx_with_a_message_and_change_nothing(live):
     writer, reader = live["writer"], live["reader"]
     existing = next(p for p in _catalog(live["root"] / "data")  # one the stream left

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
 from retrieval_platform.config import from_dict
 from retrieval_platform.encoder.backbones import build_tiny_backbone
 from retrieval_platform.encoder.model import DualEncoder
 from retrieval_platform.index.build import BuildIndexConfig, build_version
-from retrieval_platform.index.store import IndexLoadError
+from retrieval_platform.index.store import IndexLoadError, load_manifest
+from retrieval_platform.reranker.model import CrossEncoder
+from retrieval_platform.reranker.scoring import rerank_order
 from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
 from retrieval_platform.serving.search import LocalSearcher
@@ -46,6 +50,9 @@ def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
             "output_root": str(root / "indexes"), "version": version, "num_shards": 2,
             "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 100}}))
         out[version] = root / "indexes" / version
+    torch.manual_seed(0)  # a tiny cross-encoder: the tiny backbone with a seeded score head
+    CrossEncoder.from_pretrained(root / "backbone0", max_length=48).save(root / "reranker")
+    out["reranker"] = root / "reranker"
     return out
 
 
@@ -59,7 +66,9 @@ def service(indexes, tmp_path_factory):
     key_file.write_text(API_KEY + "\n")
     args = AppArgs(index=str(indexes["v1"]), api_key_file=str(key_file),
                    encoder={"cpus": 0.2, "max_replicas": 1}, shard_cpus=0.05, lexical_cpus=0.05,
-                   ingress_cpus=0.05, max_body_bytes=4096, request_timeout_s=5.0)
+                   ingress_cpus=0.05, max_body_bytes=4096, request_timeout_s=5.0,
+                   reranker={"model": str(indexes["reranker"]), "cpus": 0.1, "max_replicas": 1,
+                             "depth": 20, "timeout_s": 5.0})
     apply(serve_config([app_config(args)], port=port))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY},
                           timeout=30.0)
@@ -75,6 +84,25 @@ def local(indexes) -> dict[str, LocalSearcher]:
 
 def _ids(hits) -> list[str]:
     return [h["product_id"] for h in hits]
+
+
+@pytest.fixture(scope="module")
+def reranked(indexes, local):
+    """What the served reranker should answer, computed in process: the first stage's top
+    ``depth`` (as ``LocalSearcher`` retrieves it) ordered by the cross-encoder's scores of the
+    catalog's texts."""
+    model = CrossEncoder.from_pretrained(indexes["reranker"])
+    products = PreparedDataset(load_manifest(indexes["v1"]).dataset.path).products(
+        ["product_id", "text"])
+    text_of = dict(zip(products["product_id"].to_pylist(), products["text"].to_pylist(),
+                       strict=True))
+
+    def expected(version: str, query: str, k: int, mode: str, depth: int) -> list[dict]:
+        first = local[version].search(query, max(k, depth), mode)
+        scores = model.rerank(query, [text_of[h["product_id"]] for h in first[:depth]])
+        return [first[i] | {"score": float(scores[i])} for i in rerank_order(scores)][:k]
+
+    return expected
 
 
 @pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
@@ -97,6 +125,28 @@ def test_http_results_equal_in_process_search(service, local, mode):
             assert data["version"] == "v1" and not data["partial"]
             if mode != "lexical":
                 assert data["shards"] == {"answered": [0, 1], "failed": []}
+
+
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_reranked_answers_are_the_first_stage_ordered_by_the_cross_encoder(service, reranked,
+                                                                            mode):
+    client = service["client"]
+    for query in QUERIES:
+        r = client.post("/search", json={"query": query, "k": 7, "mode": mode, "rerank": True})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["reranked"] and data["rerank_error"] is None
+        assert "rerank" in data["timings_ms"]
+        want = reranked("v1", query, 7, mode, 20)
+        assert _ids(data["results"]) == _ids(want)
+        for got, expected in zip(data["results"], want, strict=True):
+            assert got["score"] == pytest.approx(expected["score"], abs=1e-4)
+            assert got["first_stage_score"] is not None
+        shallow = client.post("/search", json={"query": query, "k": 3, "mode": mode,
+                                               "rerank": True, "rerank_depth": 3}).json()
+        assert _ids(shallow["results"]) == _ids(reranked("v1", query, 3, mode, 3))
+        plain = client.post("/search", json={"query": query, "k": 7, "mode": mode}).json()
+        assert not plain["reranked"] and "rerank" not in plain["timings_ms"]  # default: off
 
 
 def test_cli_search_returns_what_the_http_api_returns(service, monkeypatch, capsys):
@@ -141,6 +191,9 @@ def test_health_docs_and_openapi(service):
     ({"query": "shoes", "allow_partial": 0}, 422, "valid boolean"),
     ({"query": "shoes", "k": "5"}, 422, "valid integer"),
     ({"query": "shoes", "k": 2.5}, 422, "valid integer"),
+    ({"query": "shoes", "rerank": "yes"}, 422, "valid boolean"),
+    ({"query": "shoes", "rerank": True, "rerank_depth": 0}, 422, "greater than or equal to 1"),
+    ({"query": "shoes", "rerank_depth": 500}, 422, "less than or equal to 200"),
 ])
 def test_bad_requests_are_4xx_with_a_message(service, body, status, message):
     r = service["client"].post("/search", json=body)
@@ -237,6 +290,31 @@ def test_version_swap_under_load_drops_nothing(service, indexes, local, tmp_path
         swap_version(str(bad))
     still = client.post("/search", json={"query": QUERIES[1], "k": 5})
     assert still.status_code == 200 and still.json()["version"] == "v2"
+
+
+def test_a_lost_reranker_answers_unreranked_and_says_so_never_an_error(service, reranked):
+    client = service["client"]
+    kill_serve_replica("retrieval", "Reranker")
+    outcomes = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        q = QUERIES[len(outcomes) % len(QUERIES)]
+        r = client.post("/search", json={"query": q, "k": 5, "rerank": True})
+        outcomes.append((r.status_code, r.json() if r.status_code == 200 else r.text, q))
+        if r.status_code == 200 and r.json()["reranked"] and len(outcomes) > 1:
+            break
+        time.sleep(0.2)
+    assert all(status == 200 for status, _, _ in outcomes), outcomes
+    fallbacks = [(body, q) for _, body, q in outcomes if not body["reranked"]]
+    assert fallbacks, "no request saw the reranker down"
+    version = outcomes[0][1]["version"]
+    for body, q in fallbacks:
+        assert "did not answer" in body["rerank_error"]
+        first = client.post("/search", json={"query": q, "k": 5}).json()
+        assert _ids(body["results"]) == _ids(first["results"])  # the first stage's answer
+    last = outcomes[-1][1]
+    assert last["reranked"]  # Serve replaced the replica
+    assert _ids(last["results"]) == _ids(reranked(version, outcomes[-1][2], 5, "dense", 20))
 
 
 def test_a_dead_shard_replica_gives_503_or_partial_never_a_wrong_answer(service, local):

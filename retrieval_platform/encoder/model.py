@@ -176,24 +176,11 @@ class DualEncoder(nn.Module):
 
     def int8_backbone(self) -> nn.Module:
         """A copy of the backbone with its linear layers dynamically quantised to int8
-        (torch's own: weights int8 per output channel, activations quantised per batch), made
-        once and kept; it
-        serves ``encode(precision="int8")``. Embeddings stay float32."""
+        (:func:`int8_copy`), made once and kept; it serves ``encode(precision="int8")``.
+        Embeddings stay float32."""
         cached = self.__dict__.get("_int8")
         if cached is None or cached[0] is not self.backbone:  # rebuilt if the weights change
-            import copy
-            import warnings
-
-            with warnings.catch_warnings():  # torch's deprecation notices of torch.ao
-                warnings.simplefilter("ignore")
-                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-                # per output channel: MiniLM's vectors keep cosine ~0.97-0.98 to fp32, against
-                # ~0.94-0.96 with one scale per weight tensor
-                quantized = quantize_dynamic(copy.deepcopy(merged(self.backbone)).eval(),
-                                             {nn.Linear: per_channel_dynamic_qconfig},
-                                             dtype=torch.qint8)
-            cached = self.__dict__["_int8"] = (self.backbone, quantized)
+            cached = self.__dict__["_int8"] = (self.backbone, int8_copy(merged(self.backbone)))
         return cached[1]
 
     def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
@@ -307,18 +294,47 @@ class DualEncoder(nn.Module):
         return cls(backbone, tokenizer, settings)
 
 
+def int8_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in eval mode with its linear layers dynamically quantised to int8
+    (torch's own: weights int8 per output channel, activations quantised per batch)."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():  # torch's deprecation notices of torch.ao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        # per output channel: MiniLM's vectors keep cosine ~0.97-0.98 to fp32, against
+        # ~0.94-0.96 with one scale per weight tensor
+        return quantize_dynamic(copy.deepcopy(module).eval(),
+                                {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def layer_list(backbone: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a backbone: a decoder's ``layers``, a BERT-style encoder's
+    ``encoder.layer``."""
+    layers = getattr(backbone, "layers", None)
+    if layers is None and hasattr(backbone, "encoder"):
+        layers = getattr(backbone.encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise PlatformError(f"num_layers: {type(backbone).__name__} has no layer list")
+    return layers
+
+
 def keep_layers(backbone: nn.Module, n: int) -> None:
-    """Cut a decoder backbone after its first ``n`` layers (the final norm stays): the pooled
+    """Cut a backbone after its first ``n`` layers (a decoder's final norm stays): the pooled
     state is then layer ``n``'s. The config says ``n`` layers, so a saved folder is a plain,
     smaller model that loads as it is."""
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise PlatformError(f"num_layers: {type(backbone).__name__} has no decoder layer list")
+    layers = layer_list(backbone)
     if not 1 <= n <= len(layers):
         raise PlatformError(f"num_layers must be in 1..{len(layers)}, got {n}")
     if n == len(layers):
         return
-    backbone.layers = layers[:n]
+    cut = layers[:n]
+    if hasattr(backbone, "layers"):
+        backbone.layers = cut
+    else:
+        backbone.encoder.layer = cut
     config = backbone.config
     config.num_hidden_layers = n
     if getattr(config, "layer_types", None):  # per-layer attention kinds (newer configs)

@@ -81,6 +81,8 @@ def render_markdown(report: dict[str, Any], curves: dict[str, dict[str, Any]] | 
         ratio = f"{m['ndcg@10'] / base:.3f}" if base else "–"
         cells = " | ".join(f"{m.get(c, float('nan')):.4f}" for c in METRIC_COLUMNS)
         lines.append(f"| {name} | {cells} | {ratio} | {m['seconds']} |")
+    if report.get("reranked"):
+        lines += reranked_section(report)
     if report.get("models"):
         lines += ["", "Models:", ""]
         lines += [f"- {n}: `{v['model_id']}` ({v['path']})" for n, v in report["models"].items()]
@@ -89,6 +91,33 @@ def render_markdown(report: dict[str, Any], curves: dict[str, dict[str, Any]] | 
         lines += [f"- {n}: {c['stage']}, run `{c['run']}`, {len(c['history'])} logged steps"
                   for n, c in curves.items()]
     return "\n".join(lines) + "\n"
+
+
+def reranked_section(report: dict[str, Any]) -> list[str]:
+    """Each reranked system against its first stage: NDCG@10 and recall@10 differences with
+    95 % paired bootstrap intervals over queries, and NDCG@10 by query length."""
+    from retrieval_platform.stats import length_stratum, paired_bootstrap
+
+    pq, texts = report["per_query"], report["query_text"]
+    strata = sorted({length_stratum(t) for t in texts.values()})
+    by_stratum = {s: [q for q, t in texts.items() if length_stratum(t) == s] for s in strata}
+    lines = ["", f"Reranked by `{report['reranker'].get('model_id', '')}`: Δ = reranked − its "
+             "first stage, 95 % paired bootstrap interval over queries (2,000 resamples).", "",
+             "| system | first stage | Δ NDCG@10 | Δ recall@10 | "
+             + " | ".join(f"NDCG@10 {s} words (n={len(by_stratum[s])})" for s in strata)
+             + " |", "|---|---|---:|---:|" + "---:|" * len(strata)]
+    for name, what in report["reranked"].items():
+        base = what["base"]
+        cells = [str(paired_bootstrap(pq[base], pq[name], m)) for m in ("ndcg@10", "recall@10")]
+        for s in strata:
+            mean = [float(np.nanmean([pq[n][q]["ndcg@10"] for q in by_stratum[s]]))
+                    for n in (base, name)]
+            cells.append(f"{mean[0]:.4f} → {mean[1]:.4f}")
+        lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
+    if report.get("reranker"):
+        lines += ["", f"Reranker: `{report['reranker']['model_id']}` "
+                      f"({report['reranker']['path']})"]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

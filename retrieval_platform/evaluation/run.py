@@ -42,6 +42,11 @@ from retrieval_platform.index.faiss_ops import (
     search_index,
 )
 from retrieval_platform.metrics import aggregate, per_query_metrics
+from retrieval_platform.reranker.scoring import (
+    load_reranker_folder,
+    rerank_order,
+    score_candidates,
+)
 from retrieval_platform.retrievers import ScoredIds
 from retrieval_platform.retrievers.hybrid import (
     HYBRID_DEPTH,
@@ -53,6 +58,24 @@ from retrieval_platform.retrievers.hybrid import (
 from retrieval_platform.tracking import TrackingConfig, log_evaluation
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RerankEvalConfig:
+    """Rerank systems' top N with a cross-encoder (``train_jobs.rerank``): each one a system
+    ``rerank(NAME)@N``, the reranked top N followed by the rest of NAME's list."""
+
+    model: str = ""  # a reranker folder or storage URI
+    depths: list[int] = field(default_factory=lambda: [50, 100])
+    systems: list[str] = field(default_factory=list)  # whose lists (empty: every system)
+    batch_size: int = 64
+    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("rerank.model: name the reranker folder (train_jobs.rerank)")
+        if not self.depths or min(self.depths) < 1:
+            raise ValueError("rerank.depths must be one or more depths >= 1")
 
 
 @dataclass
@@ -83,8 +106,12 @@ class EvaluateConfig:
     query_precisions: list[Literal["fp32", "bf16", "int8", "auto"]] = field(
         default_factory=list)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (tracking.py)
+    rerank: RerankEvalConfig | None = None  # also rerank systems' top N (a cross-encoder)
 
     def __post_init__(self) -> None:
+        if self.rerank and max(self.rerank.depths) > self.depth:
+            raise ValueError(f"rerank.depths {self.rerank.depths}: a system retrieves only "
+                             f"depth={self.depth} per query")
         if self.hybrid and self.depth < HYBRID_DEPTH:  # else we would report another fusion
             raise ValueError(f"depth {self.depth}: a hybrid fuses the top {HYBRID_DEPTH} of "
                              f"each side, as the service does; set depth >= {HYBRID_DEPTH}")
@@ -219,6 +246,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if unknown:
         raise PlatformError(f"hybrid names {unknown} are not among models {list(cfg.models)}")
     ranked, model_ids = rank_systems(cfg, ds, products, qids, qtexts, qrels)
+    reranked: dict[str, dict[str, Any]] = {}
+    reranker: dict[str, str] = {}
+    if cfg.rerank:
+        more, reranked, reranker_id = rerank_systems(
+            cfg.rerank, ranked, products, dict(zip(qids, qtexts, strict=True)), qrels)
+        ranked |= more
+        reranker = {"path": model_location(cfg.rerank.model), "model_id": reranker_id}
     scale = ds.scale
     per_query = {
         name: per_query_metrics(r.rankings, qrels, gain=scale.gain,
@@ -236,6 +270,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "models": {name: {"path": model_location(m), "model_id": model_ids[name]}
                    for name, m in cfg.models.items()},
         "results": results, "config": to_dict(cfg),
+        # reranked system -> its first stage and depth (report.md compares the two)
+        "reranked": reranked, "reranker": reranker,
         # Per-query values, for paired bootstrap intervals (retrieval_platform.stats).
         "query_text": dict(zip(qids, qtexts, strict=True)), "per_query": per_query,
     }
@@ -258,6 +294,45 @@ def _queries(ds: PreparedDataset, cfg: EvaluateConfig
         rng = np.random.default_rng(cfg.seed)
         qids = sorted(rng.choice(qids, cfg.max_queries, replace=False).tolist())
     return qids, {q: qrels[q] for q in qids}
+
+
+def rerank_systems(cfg: RerankEvalConfig, ranked: dict[str, _Ranked], products: pa.Table,
+                   query_text: dict[str, str], qrels: dict[str, dict[str, float]]
+                   ) -> tuple[dict[str, _Ranked], dict[str, dict[str, Any]], str]:
+    """(every ``rerank(NAME)@N`` system, what each reranks, the reranker's id). Each
+    (query, product) pair is scored once however many systems and depths retrieve it; judged
+    products are scored too (the reranker's grade-order accuracy)."""
+    started = time.perf_counter()
+    model, model_id = load_reranker_folder(cfg.model)
+    names = cfg.systems or list(ranked)
+    unknown = [n for n in names if n not in ranked]
+    if unknown:
+        raise PlatformError(f"rerank.systems {unknown} are not among the systems evaluated "
+                            f"({', '.join(ranked)})")
+    text_of = dict(zip(products["product_id"].to_pylist(), products["text"].to_pylist(),
+                       strict=True))
+    top = max(cfg.depths)
+    candidates = {q: [p for n in names for p, _ in ranked[n].hits[q][:top]]
+                  + [p for p in qrels[q] if p in text_of] for q in query_text}
+    scores = score_candidates(model, query_text, candidates, text_of, cfg.batch_size,
+                              cfg.precision)
+    log.info("reranker: %d pairs scored in %.0fs", sum(map(len, scores.values())),
+             time.perf_counter() - started)
+    out: dict[str, _Ranked] = {}
+    what: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for depth in cfg.depths:
+            hits = {}
+            for q, found in ranked[name].hits.items():
+                head = found[:depth]
+                order = rerank_order([scores[q][p] for p, _ in head])
+                hits[q] = [(head[i][0], scores[q][head[i][0]]) for i in order] + found[depth:]
+            judged = {q: {p: scores[q][p] for p in qrels[q] if p in text_of} for q in hits}
+            system = f"rerank({name})@{depth}"
+            out[system] = _Ranked(hits, judged, {}, ranked[name].seconds
+                                  + time.perf_counter() - started)
+            what[system] = {"base": name, "depth": depth}
+    return out, what, model_id
 
 
 def rank_systems(cfg: EvaluateConfig, ds: PreparedDataset, products: pa.Table, qids: list[str],

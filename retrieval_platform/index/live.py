@@ -339,6 +339,36 @@ class LiveLexical(_LiveSegment):
                     for s, r, m in hits[:k]]
 
 
+class LiveTexts:
+    """Every product's rendered text in a version's catalog with the log's changes applied (an
+    upsert brings its text, a delete takes it away; patches never change text): what the
+    reranker reads for a candidate."""
+
+    def __init__(self, texts: dict[str, str], position: int) -> None:
+        self.texts = texts
+        self.position = position
+        self.lock = threading.Lock()
+
+    def apply(self, changes: Iterable[Change]) -> int:
+        applied = 0
+        with self.lock:
+            for c in changes:
+                if c.seq <= self.position:
+                    continue  # a replay: already here
+                if c.op == "delete":
+                    self.texts.pop(c.product_id, None)
+                elif c.op == "upsert":
+                    self.texts[c.product_id] = (c.record or {}).get("text") or ""
+                self.position = c.seq
+                applied += 1
+        return applied
+
+    def get(self, product_ids: list[str], fallback: list[str]) -> list[str]:
+        """The texts of ``product_ids``; one not held (yet) gets its ``fallback`` (its title)."""
+        with self.lock:
+            return [self.texts.get(p, f) for p, f in zip(product_ids, fallback, strict=True)]
+
+
 class LogFollower:
     """Applies a change log to a live segment: once, synchronously, on start (the replay: a
     replica serves only once it has caught up), then from a daemon thread every
@@ -403,6 +433,20 @@ def load_live_lexical(index_dir: str) -> tuple[LiveLexical, ChangeLog]:
     avg_doc_len = bm25.avg_doc_len or _avg_doc_len_of(manifest.dataset.path, bm25)
     return (LiveLexical(bm25, meta, avg_doc_len, manifest.log_position),
             ChangeLog(log_location(manifest.path)))
+
+
+def load_live_texts(index_dir: str) -> tuple[LiveTexts, ChangeLog]:
+    """The product texts of the catalog a version was built from, with its change log (see
+    :func:`load_live_shard`)."""
+    from retrieval_platform.catalog.dataset import PreparedDataset
+    from retrieval_platform.index.changelog import log_location
+    from retrieval_platform.index.store import load_manifest
+
+    manifest = load_manifest(index_dir)
+    products = PreparedDataset(manifest.dataset.path).products(["product_id", "text"])
+    texts = dict(zip(products["product_id"].to_pylist(), products["text"].to_pylist(),
+                     strict=True))
+    return LiveTexts(texts, manifest.log_position), ChangeLog(log_location(manifest.path))
 
 
 def _avg_doc_len_of(prepared_dir: str, bm25: BM25Retriever) -> float:

@@ -10,10 +10,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
+from retrieval_platform import storage
 from retrieval_platform.cluster import require_gpus
+from retrieval_platform.encoder.model import model_location
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.index.store import IndexManifest, load_manifest
-from retrieval_platform.serving.deployments import IndexShard, Ingress, LexicalIndex, QueryEncoder
+from retrieval_platform.reranker.model import reranker_info
+from retrieval_platform.serving.deployments import (
+    IndexShard,
+    Ingress,
+    LexicalIndex,
+    QueryEncoder,
+    Reranker,
+)
 from retrieval_platform.serving.writer import CatalogWriter
 
 
@@ -37,6 +46,33 @@ class EncoderArgs(BaseModel):
                                 "one thread for a fractional CPU; more helps on idle cores)")
 
 
+class RerankerArgs(BaseModel):
+    """The optional cross-encoder stage: its own deployment (batched, autoscaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="a reranker folder (train_jobs.rerank): an absolute "
+                                        "path, or a storage URI on a cluster")
+    default: bool = Field(False, description="rerank requests that do not say (\"rerank\")")
+    depth: int = Field(50, ge=1, le=200, description="candidates reranked by default")
+    timeout_s: float = Field(2.0, gt=0, description="past this, a request is answered "
+                             "un-reranked (and says so)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    cpus: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(4, ge=1, description="requests scored in one forward pass")
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="torch threads per replica")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> RerankerArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("reranker.min_replicas must not exceed reranker.max_replicas")
+        return self
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app`` (the ``args:`` of the Serve config). They fix the shape of the
     application; which index versions are loaded and served lives in the deployments'
@@ -51,6 +87,8 @@ class AppArgs(BaseModel):
     shard_replicas: int = Field(1, ge=1, description="replicas of each shard deployment")
     shard_cpus: float = Field(0.1, gt=0)
     encoder: EncoderArgs = Field(default_factory=EncoderArgs)
+    reranker: RerankerArgs | None = Field(None, description="a cross-encoder stage behind the "
+                                          "same endpoint; null: none")
     lexical: bool = Field(True, description="serve lexical and hybrid modes (the index must "
                                             "have been built with bm25)")
     lexical_cpus: float = Field(0.1, gt=0)
@@ -96,6 +134,7 @@ class AppArgs(BaseModel):
 # Deployment names: the Serve config's overrides and the version swap (control.py) address
 # deployments by these.
 ENCODER, LEXICAL, INGRESS, WRITER = "QueryEncoder", "Lexical", "Ingress", "CatalogWriter"
+RERANKER = "Reranker"
 
 
 def shard_name(i: int) -> str:
@@ -172,11 +211,26 @@ def build_app(args: AppArgs) -> Application:
                                     max_ongoing_requests=4 * args.writer_max_batch_size,
                                     ray_actor_options={"num_cpus": args.writer_cpus})
               .bind(encoder, args.writer_max_batch_size) if write_key else None)
+    reranker = None
+    if args.reranker is not None:
+        r = args.reranker
+        reranker_info(storage.fetch(r.model))  # a clear error here, before any replica starts
+        reranker = Reranker.options(
+            name=RERANKER, user_config=loaded, max_ongoing_requests=4 * r.max_batch_size,
+            ray_actor_options={"num_cpus": r.cpus},
+            autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
+                                "target_ongoing_requests": r.target_ongoing_requests},
+        ).bind(model_location(r.model), r.max_batch_size, r.batch_wait_timeout_s, r.precision,
+               r.threads, args.log_poll_interval_s)
     return Ingress.options(
         name=INGRESS, num_replicas=args.ingress_replicas, user_config=active,
         max_ongoing_requests=args.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.ingress_cpus},
-    ).bind(encoder, shards, lexical, writer, api_key=api_key, write_key=write_key,
+    ).bind(encoder, shards, lexical, writer, reranker,
+           rerank_default=bool(args.reranker and args.reranker.default),
+           rerank_depth=args.reranker.depth if args.reranker else 50,
+           rerank_timeout_s=args.reranker.timeout_s if args.reranker else 2.0,
+           api_key=api_key, write_key=write_key,
            max_body_bytes=args.max_body_bytes, max_write_body_bytes=args.max_write_body_bytes,
            max_bulk_items=args.max_bulk_items, timeout_s=args.request_timeout_s,
            write_timeout_s=args.write_timeout_s, max_batch_size=args.ingress_max_batch_size,

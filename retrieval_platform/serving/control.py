@@ -26,6 +26,7 @@ from retrieval_platform.serving.app import (
     ENCODER,
     INGRESS,
     LEXICAL,
+    RERANKER,
     WRITER,
     AppArgs,
     shard_name,
@@ -77,6 +78,8 @@ def _backends(app: dict) -> list[str]:
         names.append(LEXICAL)
     if app["args"].get("write_key_env") or app["args"].get("write_key_file"):
         names.append(WRITER)  # it embeds upserts with every loaded version's model
+    if app["args"].get("reranker"):
+        names.append(RERANKER)  # it reads each version's catalog texts
     return names
 
 

@@ -11,6 +11,7 @@ by one version end to end and none is dropped (:mod:`retrieval_platform.serving.
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,13 @@ from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from retrieval_platform.catalog.live import WriteOp, WriteResult
-from retrieval_platform.index.live import LogFollower, load_live_lexical, load_live_shard
+from retrieval_platform.index.live import (
+    LogFollower,
+    load_live_lexical,
+    load_live_shard,
+    load_live_texts,
+)
+from retrieval_platform.reranker.scoring import load_reranker_folder, rerank_order
 from retrieval_platform.retrievers.hybrid import Fusion
 from retrieval_platform.serving import guard
 from retrieval_platform.serving.schemas import (
@@ -223,6 +230,54 @@ class LexicalIndex:
         return lexical.search(query, k, to_filter(filters)), position
 
 
+@serve.deployment
+class Reranker:
+    """The cross-encoder: scores a request's candidates against its query, batching concurrent
+    requests into one forward pass. It reads each candidate's rendered text from the catalog of
+    every loaded version (its change log followed, like the shards)."""
+
+    def __init__(self, model: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.002,
+                 precision: str = "fp32", threads: int | None = None,
+                 log_poll_interval_s: float = 0.05) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.model_id = load_reranker_folder(model)
+        self.precision = precision
+        self.texts = _Followed(load_live_texts, log_poll_interval_s)
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.latency = Histogram("rp_rerank_latency_ms", description="reranker forward pass per "
+                                 "batch of requests", boundaries=LATENCY_BOUNDARIES_MS)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.texts.reconfigure(user_config)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, items: list[tuple[str, str, list[str], list[str]]]
+                           ) -> list[list[float]]:
+        started = time.perf_counter()
+        queries, products, sizes = [], [], []
+        for version, query, ids, titles in items:
+            texts = self.texts.get(version, "the reranker").get(ids, titles)
+            queries += [query] * len(texts)
+            products += texts
+            sizes.append(len(texts))
+        scores = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.model.score(queries, products, precision=self.precision))
+        self.latency.observe((time.perf_counter() - started) * 1000)
+        bounds = np.cumsum([0, *sizes])
+        return [scores[lo:hi].tolist() for lo, hi in itertools.pairwise(bounds)]
+
+    async def score(self, version: str, query: str, product_ids: list[str],
+                    titles: list[str]) -> list[float]:
+        """The reranker's score of each candidate (its catalog text; its title where the
+        catalog does not hold it yet)."""
+        return await self._score_batch((version, query, product_ids, titles))
+
+    def info(self) -> str:
+        return self.model_id
+
+
 def _lap(timings: dict[str, float], name: str, since: float) -> float:
     """Record the milliseconds since ``since`` under ``name``; return now."""
     now = time.perf_counter()
@@ -263,7 +318,9 @@ class Ingress:
     """HTTP entry point: validates, encodes, fans out to every shard, merges, fuses."""
 
     def __init__(self, encoder: Any, shards: list[Any], lexical: Any | None,
-                 writer: Any | None = None, *, api_key: str | None = None,
+                 writer: Any | None = None, reranker: Any | None = None, *,
+                 rerank_default: bool = False, rerank_depth: int = 50,
+                 rerank_timeout_s: float = 2.0, api_key: str | None = None,
                  write_key: str | None = None, max_body_bytes: int = 16_384,
                  max_write_body_bytes: int = 4 << 20, max_bulk_items: int = 1000,
                  timeout_s: float = 10.0, write_timeout_s: float = 60.0,
@@ -276,6 +333,9 @@ class Ingress:
         self.shards = shards
         self.lexical = lexical
         self.writer = writer
+        self.reranker = reranker
+        self.rerank_default, self.rerank_depth = rerank_default, rerank_depth
+        self.rerank_timeout_s = rerank_timeout_s
         self.max_bulk_items = max_bulk_items
         self.write_timeout_s = write_timeout_s
         self.timeout_s = timeout_s
@@ -286,8 +346,11 @@ class Ingress:
                                 tag_keys=("mode", "status"))
         self.stage_latency = Histogram(
             "rp_stage_latency_ms", description="time of one request in each stage, as the "
-            "ingress sees it (encode, shards, merge, lexical, total)",
+            "ingress sees it (encode, shards, merge, lexical, rerank, total)",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
+        self.rerank_fallbacks = Counter("rp_rerank_fallbacks_total", description="requests "
+                                        "answered un-reranked because the reranker failed or "
+                                        "was too slow", tag_keys=("reason",))
         # Concurrent dense requests go out together: one encoder call and one call per shard
         # for the batch, instead of 1 + shards calls for every request (each call costs both
         # processes CPU time, the scarce thing on a small box). 1: every request alone.
@@ -368,7 +431,8 @@ class Ingress:
         version, started = self.active, time.perf_counter()
         timings: dict[str, float] = {}
         filters = request.filters.model_dump() if request.filters else None
-        depth = candidate_depth(request.mode, request.k)
+        rerank_depth = self._rerank_depth(request)
+        depth = max(candidate_depth(request.mode, request.k), rerank_depth)
         dense, lexical, found, positions = [], [], None, []
         try:
             if uses_dense(request.mode):
@@ -382,7 +446,12 @@ class Ingress:
                 positions.append(position)
         except Exception as exc:
             raise self._http_error(request.mode, exc) from None
-        hits = combine(request.mode, dense, lexical, request.k, self.fusion)
+        hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth), self.fusion)
+        rerank_error = None
+        if rerank_depth:
+            hits, rerank_error = await self._reranked(version, request.query, hits,
+                                                      rerank_depth, timings)
+        hits = hits[: request.k]
         timings["total"] = (time.perf_counter() - started) * 1000
         self.requests.inc(tags={"mode": request.mode, "status": "200"})
         for stage, ms in timings.items():
@@ -393,7 +462,44 @@ class Ingress:
             partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
             timings_ms={k: round(v, 2) for k, v in timings.items()},
             applied_position=min(positions, default=0),
+            reranked=bool(rerank_depth) and rerank_error is None, rerank_error=rerank_error,
         )
+
+    def _rerank_depth(self, request: SearchRequest) -> int:
+        """How many candidates this request reranks (0: none)."""
+        wanted = self.rerank_default if request.rerank is None else request.rerank
+        if not wanted:
+            return 0
+        if self.reranker is None:
+            if request.rerank:
+                raise HTTPException(400, "this deployment has no reranker (AppArgs.reranker); "
+                                         "leave rerank unset or false")
+            return 0
+        return request.rerank_depth or self.rerank_depth
+
+    async def _reranked(self, version: str, query: str, hits: list[dict[str, Any]],
+                        depth: int, timings: dict[str, float]
+                        ) -> tuple[list[dict[str, Any]], str | None]:
+        """``hits`` with the top ``depth`` ordered by the reranker (``rerank_order``, as
+        evaluation orders them); the first stage's hits and why, if the reranker fails or
+        takes longer than ``rerank_timeout_s`` (never an error answer)."""
+        lap = time.perf_counter()
+        head, tail = hits[:depth], hits[depth:]
+        try:
+            scores = await asyncio.wait_for(self.reranker.score.remote(
+                version, query, [h["product_id"] for h in head],
+                [h.get("title") or "" for h in head]), timeout=self.rerank_timeout_s)
+        except Exception as exc:  # down, too slow, or lost mid-call: answer un-reranked
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self.rerank_fallbacks.inc(tags={"reason": reason})
+            log.warning("rerank failed (%r): answering un-reranked", exc)
+            _lap(timings, "rerank", lap)
+            return hits, (f"the reranker did not answer ({reason}); these are the first "
+                          "stage's results")
+        order = rerank_order(scores)
+        _lap(timings, "rerank", lap)
+        return [head[i] | {"score": float(scores[i]), "first_stage_score": head[i]["score"]}
+                for i in order] + tail, None
 
     async def _dense_part(self, version: str, request: SearchRequest, depth: int,
                           filters: dict[str, Any] | None) -> _Dense:

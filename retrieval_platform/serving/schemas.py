@@ -10,6 +10,7 @@ from retrieval_platform.catalog.live import WriteOp, WriteResult
 
 MAX_QUERY_CHARS = 512
 MAX_K = 100
+MAX_RERANK_DEPTH = 200
 BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the schema's pattern)
 
 
@@ -47,8 +48,14 @@ class SearchRequest(BaseModel):
     allow_partial: bool = Field(
         False, description="answer from the shards that responded when some failed "
                            "(marked partial) instead of a 503")
+    rerank: bool | None = Field(
+        None, description="rerank the top rerank_depth with the cross-encoder (null: the "
+                          "deployment's default; true where none is deployed: 400)")
+    rerank_depth: int | None = Field(None, ge=1, le=MAX_RERANK_DEPTH,
+                                     description="candidates reranked (null: the "
+                                                 "deployment's default)")
 
-    @field_validator("k", mode="before")
+    @field_validator("k", "rerank_depth", mode="before")
     @classmethod
     def _integral_number(cls, value: object) -> object:
         # JSON Schema's "integer" includes 82.0 (a number with no fractional part); strict
@@ -74,6 +81,8 @@ class Hit(BaseModel):
     category: str | None = None
     price: float | None = None
     in_stock: bool | None = None
+    first_stage_score: float | None = Field(None, description="a reranked hit's score before "
+                                            "reranking (score is then the reranker's)")
 
 
 class ShardStatus(BaseModel):
@@ -92,6 +101,10 @@ class SearchResponse(BaseModel):
     timings_ms: dict[str, float]
     applied_position: int = Field(0, description="the catalog change log position this answer "
                                   "reflects: every write whose seq is at most this is in it")
+    reranked: bool = Field(False, description="whether the cross-encoder ordered the results")
+    rerank_error: str | None = Field(None, description="why a requested rerank did not happen "
+                                     "(the reranker unavailable or too slow): the results are "
+                                     "the first stage's")
 
 
 class Health(BaseModel):

@@ -46,13 +46,14 @@ def init_source(init: str) -> str:
     return init
 
 
-def restore(model: DualEncoder, checkpoint: Any) -> Progress:
-    """Load a checkpoint's weights into ``model`` and return its progress; a fresh run (no
-    checkpoint) starts at step 0."""
+def restore(model: Any, checkpoint: Any) -> Progress:
+    """Load a checkpoint's weights into ``model`` (a :class:`DualEncoder` or a reranker: any
+    model with ``backbone`` and a ``from_pretrained`` of its saved folder) and return its
+    progress; a fresh run (no checkpoint) starts at step 0."""
     if checkpoint is None:
         return Progress()
     with checkpoint.as_directory() as folder:
-        resumed = DualEncoder.from_pretrained(Path(folder) / MODEL_DIR)
+        resumed = type(model).from_pretrained(Path(folder) / MODEL_DIR)
         model.backbone.load_state_dict(resumed.backbone.state_dict())
         # our own file, written by save_and_report below: tensors only (weights_only)
         state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
@@ -64,11 +65,20 @@ def restore(model: DualEncoder, checkpoint: Any) -> Progress:
                     state["optimizer"])
 
 
-def save_and_report(cfg: TrainConfig, model: DualEncoder, optimizer: torch.optim.Optimizer,
-                    progress: Progress, metrics: dict[str, float], init_id: str,
-                    save: bool) -> None:
+def encoder_metadata(cfg: TrainConfig, model: DualEncoder, progress: Progress,
+                     init_id: str) -> dict[str, Any]:
+    """What a dual-encoder checkpoint's model folder records about its run."""
+    return {"stage": cfg.stage, "step": progress.step, "run": cfg.run.name,
+            "init": cfg.model.init, "init_model_id": init_id,
+            # the dimensions this model serves well (full first)
+            "matryoshka_dims": [model.dim, *[d for d in matryoshka_dims(cfg, model.dim) if d]]}
+
+
+def save_and_report(model: Any, optimizer: torch.optim.Optimizer, progress: Progress,
+                    metrics: dict[str, float], metadata: dict[str, Any], save: bool) -> None:
     """Report ``metrics`` to Ray Train; with ``save``, rank 0 attaches a checkpoint: the model
-    folder, the optimizer and progress, the metrics and the history so far."""
+    folder (``model.save(folder, metadata)``), the optimizer and progress, the metrics and the
+    history so far."""
     import ray.train
 
     if not save:
@@ -77,12 +87,7 @@ def save_and_report(cfg: TrainConfig, model: DualEncoder, optimizer: torch.optim
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if ray.train.get_context().get_world_rank() == 0:
-            model.save(Path(tmp) / MODEL_DIR, {
-                "stage": cfg.stage, "step": progress.step, "run": cfg.run.name,
-                "init": cfg.model.init, "init_model_id": init_id,
-                # the dimensions this model serves well (full first)
-                "matryoshka_dims": [model.dim, *[d for d in matryoshka_dims(cfg, model.dim)
-                                                 if d]]})
+            model.save(Path(tmp) / MODEL_DIR, metadata)
             torch.save({"optimizer": optimizer.state_dict(), "step": progress.step,
                         "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch},
                        Path(tmp) / STATE_FILE)

@@ -212,7 +212,7 @@ def roar_examples(
         if len({g for _, g in cands}) < 2:
             continue
         if len(cands) > max_candidates:
-            cands = _sample_keeping_grades(cands, max_candidates, cat.rng)
+            cands = sample_keeping_grades(cands, max_candidates, cat.rng)
         cands.sort(key=lambda pg: (-pg[1], -raw[pg[0]]))
         positives = [p for p, g in judged[qid] if g >= scale.positive_threshold]
         _add_group_row(rows, cat, qid, qtext[qid], cands, extra, positives,
@@ -244,7 +244,7 @@ def _add_group_row(rows: dict[str, list], cat: _Catalog, qid: str, text: str,
     rows["top_index"].append(0 if top_is_positive else -1)
 
 
-def _sample_keeping_grades(cands: list[tuple[str, float]], n: int,
+def sample_keeping_grades(cands: list[tuple[str, float]], n: int,
                            rng: np.random.Generator) -> list[tuple[str, float]]:
     by_grade: dict[float, list[tuple[str, float]]] = defaultdict(list)
     for c in cands:

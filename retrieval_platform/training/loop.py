@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +27,7 @@ from retrieval_platform.encoder.model import DualEncoder, resolve_precision
 from retrieval_platform.errors import PlatformError
 from retrieval_platform.training.checkpoint import (
     Progress,
+    encoder_metadata,
     init_source,
     restore,
     save_and_report,
@@ -38,7 +40,7 @@ from retrieval_platform.training.objectives import OBJECTIVES
 log = logging.getLogger(__name__)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: Any) -> float:
     """Linear warm-up, then linear decay to zero at max_steps."""
     o = cfg.optim
     if step < o.warmup_steps:
@@ -63,7 +65,7 @@ def load_init(model_cfg: Any) -> DualEncoder:
     return model
 
 
-def step_columns(batch: pa.Table, cfg: TrainConfig, epoch: int, step: int,
+def step_columns(batch: pa.Table, cfg: Any, epoch: int, step: int,
                  rank: int) -> dict[str, list]:
     """A batch as columns, with stage 1's negatives drawn afresh from each row's pool (seeded
     by run, epoch, step and rank: resumable and repeatable)."""
@@ -77,7 +79,7 @@ def step_columns(batch: pa.Table, cfg: TrainConfig, epoch: int, step: int,
     return columns
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
     """A Train worker has no logging set up: the training package's lines (steps, resumes) go
     to its stderr. Ray Train logs every report at INFO under a file-path logger name; our step
     lines already carry the metrics, so that logger is kept to warnings."""
@@ -104,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = from_dict(TrainConfig, config["cfg"])  # parse
-    _log_to_stderr()
+    log_to_stderr()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
@@ -123,22 +125,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = resolve_precision(cfg.optim.precision, device.type) == "bf16"
 
     def report(metrics: dict[str, float], save: bool) -> None:
-        save_and_report(cfg, model, optimizer, progress, metrics,
-                        config.get("init_model_id", ""), save)
+        save_and_report(model, optimizer, progress, metrics, encoder_metadata(
+            cfg, model, progress, config.get("init_model_id", "")), save)
 
     if progress.step >= cfg.optim.max_steps:  # a finished run rerun under its name
         report({"step": progress.step, "epoch": progress.epoch,
                 "resumed_from_step": progress.resumed_from}, save=True)
         return
     model.train()  # run
-    _train(cfg, model, forward, optimizer, progress, report, rank, world, bf16)
+    run_steps(cfg, model, forward, optimizer, progress, report, rank, world, bf16, _step)
 
 
-def _train(cfg: TrainConfig, model: DualEncoder, forward: Any,
-           optimizer: torch.optim.Optimizer, p: Progress, report: Any, rank: int,
-           world: int, bf16: bool) -> None:
-    """Epochs over this worker's shard until ``max_steps``: a step, then every ``log_every``
-    steps a report (with a checkpoint every ``checkpoint_every`` and at the end)."""
+StepFn = Callable[[Any, Any, Any, torch.optim.Optimizer, dict[str, list], float, bool],
+                  dict[str, float]]
+
+
+def run_steps(cfg: Any, model: Any, forward: Any, optimizer: torch.optim.Optimizer,
+              p: Progress, report: Any, rank: int, world: int, bf16: bool,
+              step: StepFn) -> None:
+    """Epochs over this worker's shard until ``max_steps``: a ``step`` (of a dual encoder, or
+    of the reranker: ``cfg`` has ``optim``, ``run``, ``stage`` and ``data.split``), then every
+    ``log_every`` steps a report (with a checkpoint every ``checkpoint_every`` and at the
+    end)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -153,7 +161,7 @@ def _train(cfg: TrainConfig, model: DualEncoder, forward: Any,
                 continue
             p.batch_in_epoch += 1
             lr = lr_at(p.step, cfg)
-            metrics = _step(cfg, model, forward, optimizer, step_columns(
+            metrics = step(cfg, model, forward, optimizer, step_columns(
                 batch, cfg, p.epoch, p.step, rank), lr, bf16)
             p.step += 1
             window_samples += batch.num_rows * world

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from retrieval_platform.errors import PlatformError
 from retrieval_platform.io import write_json
 from retrieval_platform.tracking import log_training
 from retrieval_platform.training.checkpoint import HISTORY_FILE, MODEL_DIR, init_source
-from retrieval_platform.training.config import TrainConfig
+from retrieval_platform.training.config import RunConfig, ScalingConfig, TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
 from retrieval_platform.training.loop import train_loop_per_worker
 
@@ -59,13 +60,53 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
     )
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
-    # a name every worker resolves on its own node: a URI or backbone name, an absolute path
-    cfg.model.init = model_location(cfg.model.init)
-    if cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
-        backbone_spec(cfg.model.init).resolve()
-    examples = build_examples(cfg)
+def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], examples,
+        scaling: ScalingConfig, run: RunConfig) -> ray.train.Result:
+    """Run ``loop`` on Ray Train (DDP over ``scaling``'s workers, checkpoints and restarts as
+    ``run`` says) over ``examples`` (a pyarrow table, the ``train`` dataset shard of each
+    worker); the finished result, with its last checkpoint."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            # checkpoints: an absolute path, or a URI (s3://...) passed through as it is
+            storage_path=storage.canonical(run.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            # Our own step lines say what a report says; keep Ray Train's per-report INFO out.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": ray.data.from_arrow(examples)},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run.name} finished without a checkpoint")
+    return result
+
+
+@contextmanager
+def published_model(result: ray.train.Result, output_dir: str
+                    ) -> Iterator[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
+    """The final checkpoint's model folder, published atomically at ``output_dir`` when the
+    block ends: yields (the folder being written, the final metrics, the training curve)."""
+    with result.checkpoint.as_directory() as folder, storage.publish(output_dir,
+                                                                     overwrite=True) as tmp:
+        shutil.copytree(Path(folder) / MODEL_DIR, tmp, dirs_exist_ok=True)
+        history_file = Path(folder) / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        yield tmp, dict(result.metrics or {}), history
+
+
+def check_examples(examples, cfg: Any) -> None:  # examples: pa.Table
+    """Refuse a run whose examples do not fill one global batch; log the run's shape."""
     per_step = cfg.optim.batch_size * cfg.scaling.num_workers
     if examples.num_rows < per_step:
         raise PlatformError(
@@ -74,39 +115,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     log.info("%s: %d examples, %d steps of %d (%.1f epochs)", cfg.stage, examples.num_rows,
              cfg.optim.max_steps, per_step, cfg.optim.max_steps * per_step / examples.num_rows)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one stage; the final model folder is published atomically at ``cfg.output_dir``."""
+    # a name every worker resolves on its own node: a URI or backbone name, an absolute path
+    cfg.model.init = model_location(cfg.model.init)
+    if cfg.model.init in BACKBONES:  # build a converted backbone once, before the workers
+        backbone_spec(cfg.model.init).resolve()
+    examples = build_examples(cfg)
+    check_examples(examples, cfg)
     # One id for weights across the platform: the weights file's checksum (model_info).
     init_model_id = model_info(resolve_model_folder(init_source(cfg.model.init)))["model_id"]
-    dataset = ray.data.from_arrow(examples)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "init_model_id": init_model_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            # checkpoints: an absolute path, or a URI (s3://...) passed through as it is
-            storage_path=storage.canonical(cfg.run.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            # Our own step lines say what a report says; keep Ray Train's per-report INFO out.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder, storage.publish(cfg.output_dir,
-                                                                     overwrite=True) as tmp:
-        shutil.copytree(Path(folder) / MODEL_DIR, tmp, dirs_exist_ok=True)
-        metrics = dict(result.metrics or {})
-        history_file = Path(folder) / HISTORY_FILE
-        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    result = fit(train_loop_per_worker, {"cfg": to_dict(cfg), "init_model_id": init_model_id},
+                 examples, cfg.scaling, cfg.run)
+    with published_model(result, cfg.output_dir) as (tmp, metrics, history):
         write_json(tmp / "training.json", {
             "stage": cfg.stage, "checkpoint": result.checkpoint.path, "final_metrics": metrics,
             "examples": examples.num_rows, "config": to_dict(cfg), "history": history,

@@ -1,0 +1,1 @@
+"""The cross-encoder reranker: its model, training (Ray Train), batch scoring and evaluation."""
