@@ -50,14 +50,19 @@ def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
             "output_root": str(root / "indexes"), "version": version, "num_shards": 2,
             "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 100}}))
         out[version] = root / "indexes" / version
-    torch.manual_seed(0)  # a tiny cross-encoder: the tiny backbone with a seeded score head
-    CrossEncoder.from_pretrained(root / "backbone0", max_length=48).save(root / "reranker")
-    out["reranker"] = root / "reranker"
     return out
 
 
 @pytest.fixture(scope="module")
-def service(indexes, tmp_path_factory):
+def reranker_dir(indexes) -> Path:
+    """A tiny cross-encoder: the tiny backbone with a seeded score head."""
+    root = indexes["v1"].parents[1]
+    torch.manual_seed(0)
+    return CrossEncoder.from_pretrained(root / "backbone0", max_length=48).save(root / "reranker")
+
+
+@pytest.fixture(scope="module")
+def service(indexes, reranker_dir, tmp_path_factory):
     from ray import serve
 
     port = free_port()
@@ -67,7 +72,7 @@ def service(indexes, tmp_path_factory):
     args = AppArgs(index=str(indexes["v1"]), api_key_file=str(key_file),
                    encoder={"cpus": 0.2, "max_replicas": 1}, shard_cpus=0.05, lexical_cpus=0.05,
                    ingress_cpus=0.05, max_body_bytes=4096, request_timeout_s=5.0,
-                   reranker={"model": str(indexes["reranker"]), "cpus": 0.1, "max_replicas": 1,
+                   reranker={"model": str(reranker_dir), "cpus": 0.1, "max_replicas": 1,
                              "depth": 20, "timeout_s": 5.0})
     apply(serve_config([app_config(args)], port=port))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY},
@@ -87,11 +92,11 @@ def _ids(hits) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reranked(indexes, local):
+def reranked(indexes, reranker_dir, local):
     """What the served reranker should answer, computed in process: the first stage's top
     ``depth`` (as ``LocalSearcher`` retrieves it) ordered by the cross-encoder's scores of the
     catalog's texts."""
-    model = CrossEncoder.from_pretrained(indexes["reranker"])
+    model = CrossEncoder.from_pretrained(reranker_dir)
     products = PreparedDataset(load_manifest(indexes["v1"]).dataset.path).products(
         ["product_id", "text"])
     text_of = dict(zip(products["product_id"].to_pylist(), products["text"].to_pylist(),
