@@ -219,6 +219,7 @@ def swap_in(cfg: PipelineConfig, home: Path) -> str:
 def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
     from ray import serve
 
+    from retrieval_platform.encoder.model import model_location
     from retrieval_platform.index.store import resolve_index_dir
     from retrieval_platform.serving.app import AppArgs
     from retrieval_platform.serving.control import (
@@ -230,6 +231,8 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
 
     index = resolve_index_dir(cfg.fill(cfg.serve.index))
     args = AppArgs.model_validate({"index": index} | cfg.serve.args)
+    if args.reranker is not None:  # named as every node names it (the index is, above)
+        args.reranker.model = model_location(cfg.fill(args.reranker.model))
     config = serve_config([app_config(args, name=cfg.serve.app_name)],
                           port=cfg.serve.http_port)
     path = write_serve_config(home / cfg.fill(cfg.serve.config_path), config)
