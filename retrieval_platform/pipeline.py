@@ -103,16 +103,27 @@ def job_runtime_env(cfg: PipelineConfig, home: Path) -> dict[str, Any]:
             "excludes": list(cfg.cluster.excludes), "env_vars": env}
 
 
+AGENT_WAIT_S = 120.0  # how long a job submission waits for the cluster's job agent
+
+
 def submit(address: str, entrypoint: str, runtime_env: dict[str, Any], *, name: str) -> str:
     """Submit one job, stream its logs, and raise if it does not succeed; its job id."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        runtime_env=runtime_env,
-    )
+    submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                       runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            # a cluster just started (or a busy machine) answers 500 until its node's job
+            # agent has registered: wait for it, a bounded while
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"\n=== {name}: job {job_id} (ray job logs {job_id} --address {address})", flush=True)
     started, offset = time.monotonic(), 0
     while True:
