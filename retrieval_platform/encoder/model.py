@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -178,10 +179,7 @@ class DualEncoder(nn.Module):
         """A copy of the backbone with its linear layers dynamically quantised to int8
         (:func:`int8_copy`), made once and kept; it serves ``encode(precision="int8")``.
         Embeddings stay float32."""
-        cached = self.__dict__.get("_int8")
-        if cached is None or cached[0] is not self.backbone:  # rebuilt if the weights change
-            cached = self.__dict__["_int8"] = (self.backbone, int8_copy(merged(self.backbone)))
-        return cached[1]
+        return kept_int8(self, self.backbone, lambda: merged(self.backbone))
 
     def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
         s = self.settings
@@ -308,6 +306,16 @@ def int8_copy(module: nn.Module) -> nn.Module:
         # ~0.94-0.96 with one scale per weight tensor
         return quantize_dynamic(copy.deepcopy(module).eval(),
                                 {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def kept_int8(owner: nn.Module, backbone: nn.Module,
+              weights: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """``int8_copy`` of ``weights()`` (default: ``backbone``), made once and kept on ``owner``;
+    made again when ``owner``'s backbone is another object (new weights)."""
+    cached = owner.__dict__.get("_int8")
+    if cached is None or cached[0] is not backbone:
+        cached = owner.__dict__["_int8"] = (backbone, int8_copy((weights or (lambda: backbone))()))
+    return cached[1]
 
 
 def layer_list(backbone: nn.Module) -> nn.ModuleList:

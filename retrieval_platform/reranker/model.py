@@ -32,8 +32,8 @@ from retrieval_platform.encoder.backbones import BACKBONES, backbone_spec, save_
 from retrieval_platform.encoder.model import (
     ModelLoadError,
     Precision,
-    int8_copy,
     keep_layers,
+    kept_int8,
     length_chunks,
     quiet_transformers,
     resolve_precision,
@@ -91,10 +91,8 @@ class CrossEncoder(nn.Module):
         return (forward or self)(**inputs)
 
     def int8_backbone(self) -> nn.Module:
-        cached = self.__dict__.get("_int8")
-        if cached is None or cached[0] is not self.backbone:  # rebuilt if the weights change
-            cached = self.__dict__["_int8"] = (self.backbone, int8_copy(self.backbone))
-        return cached[1]
+        """A dynamically quantised int8 copy of the backbone, made once (``kept_int8``)."""
+        return kept_int8(self, self.backbone)
 
     @torch.inference_mode()
     def score(self, queries: list[str], products: list[str], batch_size: int = 64,
