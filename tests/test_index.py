@@ -151,6 +151,47 @@ def test_build_index_publishes_a_verifiable_version(built_index):
     assert all(h["price"] <= 20.0 for h in cheap)
 
 
+def test_auto_shards_hold_the_vectors_on_as_few_shards_as_the_cores_allow():
+    from retrieval_platform.index.build import auto_num_shards
+
+    assert auto_num_shards(54_667, 2, exact=True) == 1
+    assert auto_num_shards(1_200_000, 2, exact=True) == 2  # 3 wanted, 2 cores
+    assert auto_num_shards(1_200_000, 16, exact=True) == 3
+    assert auto_num_shards(1_200_000, 16, exact=False) == 1  # ANN: split for memory only
+    assert auto_num_shards(0, 0, exact=True) == 1
+
+
+def test_a_rebuild_from_stored_embeddings_serves_what_the_embedded_build_serves(built_index,
+                                                                               tmp_path):
+    """embeddings_from: a new shard count (auto: 1 here) from the stored vectors, no encoding;
+    the answers equal the 3-shard version's; another model's vectors are refused."""
+    from retrieval_platform.config import from_dict
+    from retrieval_platform.index.build import BuildIndexConfig, build_version
+    from retrieval_platform.index.store import IndexLoadError
+    from retrieval_platform.serving.search import LocalSearcher
+
+    root, _ = built_index
+    config = {"prepared_dir": str(root / "data"), "model": "tiny",
+              "output_root": str(tmp_path / "indexes"), "num_shards": "auto",
+              "embeddings_from": str(root / "indexes" / "v1")}
+    manifest = build_version(from_dict(BuildIndexConfig, config | {"version": "one"}))
+    assert [s.count for s in manifest.shards] == [300]
+    rebuilt, embedded = LocalSearcher(manifest.path), LocalSearcher(root / "indexes" / "v1")
+    for query in ("red running shoes", "stainless steel kettle"):
+        want = embedded.search(query, k=10)
+        got = rebuilt.search(query, k=10)
+        assert [h["product_id"] for h in got] == [h["product_id"] for h in want]
+        assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    other = tmp_path / "other"
+    shutil.copytree(root / "indexes" / "v1", other)
+    data = json.loads((other / "manifest.json").read_text())
+    data["model"]["model_id"] = "another-model"
+    (other / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IndexLoadError, match="built with model another-model"):
+        build_version(from_dict(BuildIndexConfig, config | {"version": "two",
+                                                            "embeddings_from": str(other)}))
+
+
 def test_hybrid_requests_use_the_index_versions_fusion(built_index):
     """The manifest records the fusion (RRF by default); hybrid answers are exactly
     ``retrievers.hybrid.fuse`` of the dense and lexical lists, convex fusion included."""
