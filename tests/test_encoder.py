@@ -252,3 +252,70 @@ def test_int8_encode_quantises_linear_layers_and_stays_close(tiny):
     assert tiny.int8_backbone() is tiny.int8_backbone()  # made once
     with pytest.raises(ValueError, match="CPU only"):
         resolve_precision("int8", "cuda")
+
+
+def test_onnx_runtime_gives_torchs_vectors_through_the_one_encode_path(tiny):
+    """runtime="onnx": only the backbone's forward moves to ONNX Runtime; the vectors (queries
+    with their instruction, products, Matryoshka prefixes, padded batches) are torch's within
+    the served tolerance, the graph is exported once per weights and kept."""
+    from retrieval_platform.encoder.ort_backend import MIN_COSINE, OrtBackbone
+
+    texts = ["red running shoes", "x", "stainless steel electric kettle 1.7 litre with filter"]
+    for kind in ("query", "product"):
+        for dim in (None, 16):
+            ref = tiny.encode(texts, kind, dim=dim)
+            got = tiny.encode(texts, kind, dim=dim, runtime="onnx", batch_size=2)
+            assert got.shape == ref.shape and got.dtype == np.float32
+            assert (ref * got).sum(axis=1).min() >= MIN_COSINE["fp32"]
+    backbone = tiny.ort_backbone()
+    assert isinstance(backbone, OrtBackbone) and backbone is tiny.ort_backbone()  # made once
+    assert backbone.probe_cosine >= MIN_COSINE["fp32"]
+    exported = backbone.path.stat().st_mtime_ns
+    again = DualEncoder.from_pretrained("tiny").ort_backbone()  # same weights: the same file
+    assert again.path == backbone.path and again.path.stat().st_mtime_ns == exported
+    int8 = tiny.encode(texts, "product", precision="int8", runtime="onnx")
+    assert (tiny.encode(texts, "product") * int8).sum(axis=1).min() >= MIN_COSINE["int8"]
+    with pytest.raises(ValueError, match="fp32 or int8, not bf16"):
+        tiny.encode(texts, "query", precision="bf16", runtime="onnx")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        tiny.encode(texts, "query", runtime="tensorrt")
+
+
+def test_an_onnx_graph_that_disagrees_with_torch_is_refused(tiny):
+    """The load-time check: a graph of other weights found where this model's belongs (a stale
+    or tampered cache file) is refused with a clear error, not served."""
+    import shutil
+
+    import torch
+
+    from retrieval_platform.encoder.ort_backend import OrtExportError, weights_hash
+
+    other = DualEncoder.from_pretrained("tiny")
+    with torch.no_grad():
+        for p in other.backbone.parameters():
+            p.mul_(-1.0)
+    assert weights_hash(other.backbone) != weights_hash(tiny.backbone)
+    target = tiny.ort_backbone().path
+    foreign = other.ort_backbone().path
+    assert foreign.parent != target.parent  # other weights: their own folder
+    fresh = DualEncoder.from_pretrained("tiny")
+    shutil.copy(foreign, target)
+    try:
+        with pytest.raises(OrtExportError, match="differ from torch's"):
+            fresh.ort_backbone()
+    finally:
+        target.unlink()  # the next use exports this model's graph again
+
+
+def test_onnx_settings_that_cannot_run_are_refused_before_anything_starts():
+    from pydantic import ValidationError
+
+    from retrieval_platform.config import ConfigError, from_dict
+    from retrieval_platform.encoder.batch import EmbedConfig
+    from retrieval_platform.serving.app import EncoderArgs
+
+    assert EncoderArgs(runtime="onnx", precision="int8").runtime == "onnx"
+    with pytest.raises(ValidationError, match="runs on CPU in fp32 or int8"):
+        EncoderArgs(runtime="onnx", gpus=0.5)
+    with pytest.raises(ConfigError, match="runs on CPU in fp32 or int8"):
+        from_dict(EmbedConfig, {"runtime": "onnx", "precision": "bf16"})

@@ -24,15 +24,22 @@ class EmbedConfig:
     actors: int = 2  # Ray Data actor pool size
     cpus_per_actor: float = 0.9  # a little under 1 leaves room for the read tasks
     precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    # what runs the backbone (encoder.ort_backend): onnx on CPU only, fp32 or int8
+    runtime: Literal["torch", "onnx"] = "torch"
     # GPUs per actor (fractions share one): the model runs on CUDA, in bf16 under ``auto``
     num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.runtime == "onnx" and (self.num_gpus or self.precision == "bf16"):
+            raise ValueError("embed.runtime onnx runs on CPU in fp32 or int8: set num_gpus 0 "
+                             "and precision fp32, int8 or auto, or use runtime torch")
 
 
 class ProductEmbedder:
     """Ray Data UDF: adds an ``embedding`` column (unit float32 vectors) from the ``text`` one."""
 
     def __init__(self, model: str, encode_batch_size: int, precision: str,
-                 num_threads: int) -> None:
+                 num_threads: int, runtime: str = "torch") -> None:
         import torch
 
         torch.set_num_threads(num_threads)
@@ -41,12 +48,12 @@ class ProductEmbedder:
         if torch.cuda.is_available() and ray.get_gpu_ids():  # this actor was given a GPU
             self.model.to("cuda")
         self.batch_size = encode_batch_size
-        self.precision = precision
+        self.precision, self.runtime = precision, runtime
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch["text"].to_pylist()
         vectors = self.model.encode(texts, "product", batch_size=self.batch_size,
-                                    precision=self.precision)  # (n, d)
+                                    precision=self.precision, runtime=self.runtime)  # (n, d)
         return batch.append_column("embedding", vector_column(vectors))
 
 
@@ -64,6 +71,7 @@ def embed_products(ds: ray.data.Dataset, model: str | Path, cfg: EmbedConfig
     return ds.map_batches(
         ProductEmbedder,
         fn_constructor_kwargs=dict(model=model_location(model), precision=cfg.precision,
+                                   runtime=cfg.runtime,
                                    encode_batch_size=cfg.encode_batch_size,
                                    num_threads=max(1, math.ceil(cfg.cpus_per_actor))),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor,

@@ -42,8 +42,20 @@ class EncoderArgs(BaseModel):
     precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
     gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share one): the "
                         "encoder runs on CUDA, bf16 under precision auto; FAISS stays on CPU")
-    threads: int | None = Field(None, ge=1, description="torch threads per replica (Ray sets "
-                                "one thread for a fractional CPU; more helps on idle cores)")
+    threads: int | None = Field(None, ge=1, description="torch (or ONNX Runtime intra-op) "
+                                "threads per replica (Ray sets one thread for a fractional "
+                                "CPU; more helps on idle cores)")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="what runs the query encoder's backbone: onnx (ONNX Runtime, "
+        "CPU, precision fp32 or int8) is exported from the same weights and checked against "
+        "torch (cosine >= 0.999) when a version loads; the rest of encode() is shared")
+
+    @model_validator(mode="after")
+    def _runtime_fits(self) -> EncoderArgs:
+        if self.runtime == "onnx" and (self.gpus or self.precision == "bf16"):
+            raise ValueError("encoder.runtime onnx runs on CPU in fp32 or int8: set gpus 0 and "
+                             "precision fp32, int8 or auto, or use runtime torch")
+        return self
 
 
 class RerankerArgs(BaseModel):
@@ -193,7 +205,7 @@ def build_app(args: AppArgs) -> Application:
                             "target_ongoing_requests": e.target_ongoing_requests,
                             "upscale_delay_s": e.upscale_delay_s,
                             "downscale_delay_s": e.downscale_delay_s},
-    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision, e.threads)
+    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.precision, e.threads, e.runtime)
     shards = [
         IndexShard.options(name=shard_name(i), num_replicas=args.shard_replicas, user_config=loaded,
                            max_ongoing_requests=args.max_ongoing_requests,

@@ -93,11 +93,12 @@ class QueryEncoder:
     """Encodes queries with the model of each loaded index version, batching concurrent ones."""
 
     def __init__(self, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
-                 precision: str = "fp32", threads: int | None = None) -> None:
+                 precision: str = "fp32", threads: int | None = None,
+                 runtime: str = "torch") -> None:
         if threads:
             torch.set_num_threads(threads)
         self.models: dict[str, Any] = {}
-        self.precision = precision
+        self.precision, self.runtime = precision, runtime
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.latency = Histogram("rp_encode_latency_ms", description="query encoding per batch",
@@ -109,7 +110,13 @@ class QueryEncoder:
         # on the GPU Ray gave this replica, if any (encoder.gpus)
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.models = _reload(self.models, user_config,
-                              lambda index_dir: load_encoder_for(index_dir, device))
+                              lambda index_dir: self._loaded(index_dir, device))
+
+    def _loaded(self, index_dir: str, device: str) -> Any:
+        encoder = load_encoder_for(index_dir, device)
+        if self.runtime == "onnx":  # exported and checked against torch now, not at a request
+            encoder.model.ort_backbone(self.precision)
+        return encoder
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, items: list[tuple[str, str]]) -> list[np.ndarray]:
@@ -125,7 +132,8 @@ class QueryEncoder:
             texts = [items[i][1] for i in idx]
             # Torch releases the GIL: run it off the event loop so the next batch can gather.
             vecs = await asyncio.get_running_loop().run_in_executor(
-                None, lambda m=model, t=texts: m.encode(t, "query", precision=self.precision))
+                None, lambda m=model, t=texts: m.encode(t, "query", precision=self.precision,
+                                                  runtime=self.runtime))
             for j, i in enumerate(idx):
                 out[i] = vecs[j : j + 1]
         self.latency.observe((time.perf_counter() - started) * 1000)
@@ -276,6 +284,10 @@ class Reranker:
 
     def info(self) -> str:
         return self.model_id
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _lap(timings: dict[str, float], name: str, since: float) -> float:
@@ -434,18 +446,26 @@ class Ingress:
         rerank_depth = self._rerank_depth(request)
         depth = max(candidate_depth(request.mode, request.k), rerank_depth)
         dense, lexical, found, positions = [], [], None, []
+        # A hybrid request's two parts run at once: the BM25 hop and scoring overlap the
+        # encoder and the shards instead of following them.
+        parts = [asyncio.ensure_future(self._dense_part(version, request, depth, filters)
+                                       if uses_dense(request.mode) else _nothing()),
+                 asyncio.ensure_future(self._lexical_part(version, request, depth, filters,
+                                                          timings)
+                                       if uses_lexical(request.mode) else _nothing())]
         try:
-            if uses_dense(request.mode):
-                found = await self._dense_part(version, request, depth, filters)
-                dense = found.hits
-                timings |= found.timings
-                positions.append(found.position)
-            if uses_lexical(request.mode):
-                lexical, position = await self._lexical_part(version, request, depth, filters,
-                                                             timings)
-                positions.append(position)
+            found, lexical_part = await asyncio.gather(*parts)
         except Exception as exc:
+            for part in parts:  # the other part's answer is not needed any more
+                part.cancel()
             raise self._http_error(request.mode, exc) from None
+        if found is not None:
+            dense = found.hits
+            timings |= found.timings
+            positions.append(found.position)
+        if lexical_part is not None:
+            lexical, position = lexical_part
+            positions.append(position)
         hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth), self.fusion)
         rerank_error = None
         if rerank_depth:

@@ -15,6 +15,7 @@ from retrieval_platform.encoder.model import (
     DualEncoder,
     Kind,
     Precision,
+    Runtime,
     model_info,
     resolve_model_folder,
 )
@@ -42,15 +43,17 @@ class IndexEncoder:
     # written product's vector is the one a rebuild gives it
     product_precision: Precision = "fp32"
     product_batch_size: int = 64
+    product_runtime: Runtime = "torch"
 
     def encode(self, texts: list[str], kind: Kind = "query", precision: Precision = "fp32",
-               batch_size: int = 64) -> np.ndarray:
+               batch_size: int = 64, runtime: Runtime = "torch") -> np.ndarray:
         return self.model.encode(texts, kind, batch_size=batch_size, precision=precision,
-                                 dim=self.dim)
+                                 dim=self.dim, runtime=runtime)
 
     def encode_products(self, texts: list[str]) -> np.ndarray:
         """(n, d) product vectors as the index build embeds them."""
-        return self.encode(texts, "product", self.product_precision, self.product_batch_size)
+        return self.encode(texts, "product", self.product_precision, self.product_batch_size,
+                           self.product_runtime)
 
 
 def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder:
@@ -63,7 +66,8 @@ def load_encoder_for(index_dir: str | Path, device: str = "cpu") -> IndexEncoder
                              f"{folder} now holds {info['model_id']}")
     embed = manifest.config.get("embed") or {}
     return IndexEncoder(DualEncoder.from_pretrained(folder).to(device), manifest.served_dim,
-                        embed.get("precision", "fp32"), embed.get("encode_batch_size", 64))
+                        embed.get("precision", "fp32"), embed.get("encode_batch_size", 64),
+                        embed.get("runtime", "torch"))
 
 
 def to_filter(filters: dict[str, Any] | None) -> CatalogFilter | None:
