@@ -30,7 +30,8 @@ from retrieval_platform.index.store import load_manifest
 from retrieval_platform.metrics import ndcg_at_k
 from retrieval_platform.stats import paired_bootstrap
 
-VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8")]
+VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnx", "fp32"),
+            ("onnx", "int8")]
 
 
 def latency_ms(model: DualEncoder, texts: list[str], runtime: str, precision: str,
