@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from retrieval_platform.catalog.dataset import PreparedDataset
+from retrieval_platform.encoder.batch import vectors_of
 from retrieval_platform.encoder.model import DualEncoder, resolve_model_folder
 from retrieval_platform.index.faiss_ops import IndexParams, build_faiss_index, search_index
 from retrieval_platform.index.store import load_manifest
@@ -59,8 +60,7 @@ def main() -> None:
     ds = PreparedDataset(manifest.dataset.path)
     stored = pq.read_table(Path(manifest.path) / "embeddings")
     ids = stored["product_id"].to_pylist()
-    emb = stored["embedding"].combine_chunks()
-    xb = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
+    xb = vectors_of(stored["embedding"])  # (n, d)
     queries = ds.queries(args.split, ["query_id", "text"])
     qids, qtexts = queries["query_id"].to_pylist(), queries["text"].to_pylist()
     qrels = ds.qrels(args.split)

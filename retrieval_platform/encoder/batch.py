@@ -87,10 +87,14 @@ def collect(ds: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, list], 
     tables = [t.select([*columns, "embedding"]) for t in ray.get(ds.to_arrow_refs())
               if t.num_rows]
     table = pa.concat_tables(tables)
-    emb = table["embedding"].combine_chunks()
-    dim = emb.type.list_size
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    return {c: table[c].to_pylist() for c in columns}, vectors
+    return {c: table[c].to_pylist() for c in columns}, vectors_of(table["embedding"])
+
+
+def vectors_of(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """An ``embedding`` column (fixed-size lists) as an (n, d) float32 matrix."""
+    emb = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = emb.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, emb.type.list_size).astype(np.float32)
 
 
 def embed_catalog(products: ray.data.Dataset, model: str | Path, cfg: EmbedConfig,

@@ -21,7 +21,12 @@ import ray
 from retrieval_platform import storage
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import to_dict
-from retrieval_platform.encoder.batch import EmbedConfig, embed_catalog, vector_column
+from retrieval_platform.encoder.batch import (
+    EmbedConfig,
+    embed_catalog,
+    vector_column,
+    vectors_of,
+)
 from retrieval_platform.encoder.model import model_info, model_location, resolve_model_folder
 from retrieval_platform.index.bm25 import BM25Retriever
 from retrieval_platform.index.faiss_ops import (
@@ -148,9 +153,8 @@ def _stored_embeddings(ds: PreparedDataset, source: str, model_id: str
         raise IndexLoadError(f"embeddings_from {source}: {len(missing)} products of "
                              f"{ds.location} have no stored vector (first: {missing[0]!r}); "
                              "embed again")
-    emb = stored["embedding"].combine_chunks()
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
-    xb = np.ascontiguousarray(vectors[[row_of[p] for p in ids]], dtype=np.float32)  # (n, d)
+    vectors = vectors_of(stored["embedding"])  # (n stored, d)
+    xb = np.ascontiguousarray(vectors[[row_of[p] for p in ids]])  # (n, d)
     return {c: products[c].to_pylist() for c in [*META_COLUMNS, "text"]}, xb
 
 
