@@ -5,7 +5,7 @@ bound, for index variants deployed in turn in one run.
     python bench/serve_open_loop.py [--products 5000] [--rates 50 100 150]
         [--ladder 5 10 15 20 30 40 50 65 80 100] [--duration 8] [--grace 2] [--p99-bound-ms 100]
         [--variants '{"NAME": {"build": {...}, "app": {...}, "index": FOLDER}, ...}']
-        [--prepared runs/data/homedepot] [--json out.json]
+        [--prepared runs/data/homedepot] [--json out.json] [--direct-ingress]
 
 Requests go out at scheduled times whatever the answers do (``_load.open_loop``), and each
 latency counts from its scheduled send time, so a queue shows up in p99 instead of slowing the
@@ -14,6 +14,12 @@ takes CPU from it: say so beside the numbers). Loopback only. Every run is bound
 for ``duration`` seconds, ``grace`` seconds more for answers, then the rest is cut and counted
 unanswered), rates climb in ascending order, and each run starts on an idle service (``drain``),
 so an overloaded run cannot poison the next one.
+
+``--direct-ingress`` sends the load to the ingress replica's own HTTP server instead of Serve's
+proxy (one hop less): Ray's throughput-optimised mode, which has to be on in the environment
+Ray starts in (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``); the replica listens on
+``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT`` (30000). ``bench/serve_floor.py`` measures what the
+proxy costs with no search at all.
 """
 
 from __future__ import annotations
@@ -80,6 +86,23 @@ def idle_latency_ms(url: str, mode: str) -> float:
     return float(np.median(times))
 
 
+def idle_stages(url: str, queries: list[str], mode: str, n: int = 30) -> dict[str, float]:
+    """Requests one at a time: the client's median latency and the median of each stage the
+    ingress times (``timings_ms``: encode, shards, merge, lexical, total); client minus total
+    is the proxy and HTTP path."""
+    client_ms: list[float] = []
+    stages: dict[str, list[float]] = {}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for query in queries[:n]:
+            lap = time.perf_counter()
+            answer = client.post("/search", json={"query": query, "k": 10, "mode": mode})
+            client_ms.append((time.perf_counter() - lap) * 1000)
+            for stage, ms in answer.json()["timings_ms"].items():
+                stages.setdefault(stage, []).append(ms)
+    return {"client": round(float(np.median(client_ms)), 1)} | {
+        stage: round(float(np.median(ms)), 1) for stage, ms in stages.items()}
+
+
 def drain(url: str, mode: str, idle_ms: float, limit_s: float = 60.0) -> None:
     """Wait until requests one at a time answer within 3x the idle latency again, so that a
     run starts on an idle service (replicas that were busy with the previous run's tail)."""
@@ -88,6 +111,28 @@ def drain(url: str, mode: str, idle_ms: float, limit_s: float = 60.0) -> None:
     while (time.monotonic() < deadline
            and idle_latency_ms(url, mode) > max(3 * idle_ms, idle_ms + 50)):
         time.sleep(2.0)
+
+
+def direct_ingress_url() -> str:
+    """The first ingress replica's own HTTP server (Serve's direct ingress)."""
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and os.environ.get(
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        raise SystemExit("--direct-ingress needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (or "
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1) in this process's environment")
+    return f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', 30000)}"
+
+
+def wait_ready(url: str, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer /healthz within {limit_s:g} s")
+        time.sleep(1.0)
 
 
 def within(row: dict[str, float], bound_ms: float) -> bool:
@@ -103,6 +148,8 @@ def measure(url: str, queries: list[str], args: argparse.Namespace) -> dict[str,
         run_rate(url, queries, mode, 5, args, duration=3)  # warm-up of this mode's path
         time.sleep(2.0)
         idle_ms = idle_latency_ms(url, mode)
+        stages = idle_stages(url, queries, mode)
+        print(mode, "idle stages (ms)", stages, flush=True)
         runs: dict[float, dict[str, float]] = {}
         best = 0.0
         for rate in sorted(args.ladder):
@@ -116,7 +163,8 @@ def measure(url: str, queries: list[str], args: argparse.Namespace) -> dict[str,
             drain(url, mode, idle_ms)
             runs[rate] = run_rate(url, queries, mode, rate, args)
             print(mode, rate, runs[rate], flush=True)
-        out[mode] = {"idle_ms": round(idle_ms, 1), "max_rate_within_bound": best,
+        out[mode] = {"idle_ms": round(idle_ms, 1), "idle_stages_ms": stages,
+                     "max_rate_within_bound": best,
                      "runs": {f"{r:g}": runs[r] for r in sorted(runs)}}
     return out
 
@@ -141,6 +189,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--port", type=int, default=8013)
     parser.add_argument("--json")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="load the ingress replica's own HTTP port, not the proxy's")
     args = parser.parse_args()
     local_ray()
     if args.prepared:
@@ -154,7 +204,7 @@ def main() -> None:
 
     from ray import serve
 
-    url = f"http://127.0.0.1:{args.port}"
+    url = direct_ingress_url() if args.direct_ingress else f"http://127.0.0.1:{args.port}"
     results, built = {}, {}
     for name, variant in json.loads(args.variants).items():
         build = variant.get("build", {})
@@ -172,6 +222,7 @@ def main() -> None:
         app = merged({"index": str(index)} | json.loads(args.app), variant.get("app", {}))
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         apply(serve_config([app_config(AppArgs(**app))], port=args.port))
+        wait_ready(url)
         results[name] = {"build": build, "app": app, "index": str(index),
                          "modes": measure(url, queries, args)}
         print(name, json.dumps(results[name]["modes"]), flush=True)
@@ -179,7 +230,7 @@ def main() -> None:
 
     out = {"cpus": os.cpu_count(), "products": args.products if not args.prepared else None,
            "prepared": prepared, "duration_s": args.duration, "grace_s": args.grace,
-           "p99_bound_ms": args.p99_bound_ms,
+           "p99_bound_ms": args.p99_bound_ms, "url": url,
            "app": json.loads(args.app), "variants": results}
     print(json.dumps(out, indent=2))
     print(f"\n| variant | mode | max rate, p99 ≤ {args.p99_bound_ms:g} ms | "

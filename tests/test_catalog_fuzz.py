@@ -53,8 +53,7 @@ def _cell() -> st.SearchStrategy[str]:
                      st.sampled_from(["", " ", "1", "2.5", "3", "9", "x", "100001", "\u00e9"]))
 
 
-# derandomize: CI runs one fixed set of examples. A random run found a case (a bare CR in a
-# garbage cell) where this test's own csv count fails, not the prepare job: to fix in the oracle.
+# derandomize: CI runs one fixed set of examples (drop it locally to search at random).
 @settings(max_examples=PREPARE_EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
@@ -81,7 +80,10 @@ def test_prepare_accounts_for_every_record(ray_local, tmp_path_factory, products
         writer.writerow([i, pid, "t", term, grade])
     (root / "judgments.csv").write_text(buf.getvalue())
 
-    n_products = len(list(csv.reader(io.StringIO(data.decode("utf-8", "replace"))))) - 1
+    # Records as the job reads them: newline="" (a bare CR in a cell ends a line), invalid bytes
+    # kept, and a blank line is no record.
+    text = io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")
+    n_products = sum(1 for row in csv.reader(text) if row) - 1
     manifest = prepare_catalog(from_dict(PrepareConfig, {
         "source": {"format": "homedepot", "path": str(root)}, "output_dir": str(root / "out")}))
     counts = manifest["counts"]
