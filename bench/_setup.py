@@ -15,15 +15,12 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.cluster import worker_env
 from retrieval_platform.config import from_dict
 from retrieval_platform.index.build import BuildIndexConfig, build_version
 
 
 def local_ray() -> int:
-    """A local Ray on every core, its workers at the nice value the platform starts them at."""
     cpus = os.cpu_count() or 2
-    os.environ.update(worker_env())
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     return cpus

@@ -3,6 +3,7 @@ the serving numbers (``serve_open_loop.py``) can be split into the platform's wo
 box's. One run measures, in turn:
 
 - a plain Ray actor call (``ray.get(actor.ping.remote())``), one at a time;
+- the same FastAPI no-op under plain uvicorn, no Ray (the load generator's own ceiling);
 - ``/noop``: proxy -> a FastAPI ingress that answers at once;
 - ``/hop``: the same plus one deployment-handle call to a second deployment (what each of the
   platform's hops, ingress -> encoder and ingress -> shard, costs at least);
@@ -24,6 +25,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +83,32 @@ def one_at_a_time(url: str, path: str, n: int = 60) -> dict[str, float]:
             "handle_hop_p50_ms": round(statistics.median(hop_ms), 1)}
 
 
+PLAIN_SERVER = """
+import sys
+import uvicorn
+from fastapi import FastAPI
+api = FastAPI()
+@api.post("/noop")
+async def noop(body: dict) -> dict:
+    return {"ok": True}
+uvicorn.run(api, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def plain_uvicorn(port: int) -> subprocess.Popen:
+    """The no-op endpoint in a plain uvicorn process (no Ray), answering once it is up."""
+    server = subprocess.Popen([sys.executable, "-c", PLAIN_SERVER, str(port)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/noop", json={}, timeout=2)
+            return server
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("plain uvicorn did not start")
+
+
 def actor_call_ms(n: int = 200) -> float:
     actor = Pinged.remote()
     ray.get(actor.ping.remote(0))
@@ -103,17 +132,21 @@ def main() -> None:
     local_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(Front.bind(Leaf.bind()), name="floor", route_prefix="/")
-    urls = {"proxy": f"http://127.0.0.1:{args.port}"}
+    urls = {"plain uvicorn": f"http://127.0.0.1:{args.port + 1}",
+            "proxy": f"http://127.0.0.1:{args.port}"}
     if "1" in (os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
                os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")):
         port = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")
         urls["direct ingress"] = f"http://127.0.0.1:{port}"
         time.sleep(3.0)  # the replica's own server starts after the deployment is up
     out: dict = {"cpus": os.cpu_count(), "duration_s": args.duration,
+                 "worker_niceness": os.environ.get("RAY_worker_niceness", "15"),  # noqa: SIM112 (Ray's name)
+                 "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
                  "actor_call_p50_ms": actor_call_ms(), "paths": {}}
     print("plain actor call p50 ms", out["actor_call_p50_ms"], flush=True)
+    baseline = plain_uvicorn(args.port + 1)
     for via, url in urls.items():
-        for path in ("/noop", "/hop"):
+        for path in ("/noop",) if via == "plain uvicorn" else ("/noop", "/hop"):
             row = {"idle": one_at_a_time(url, path), "runs": {}}
             print(via, path, "idle", row["idle"], flush=True)
             for rate in args.rates:
@@ -123,6 +156,8 @@ def main() -> None:
                 row["runs"][f"{rate:g}"] = run
                 print(via, path, rate, run, flush=True)
             out["paths"][f"{via} {path}"] = row
+        if via == "plain uvicorn":
+            baseline.kill()
     serve.shutdown()
     print(json.dumps(out, indent=2))
     if args.json:

@@ -15,13 +15,6 @@ from urllib.parse import urlsplit
 
 from retrieval_platform.errors import PlatformError
 
-# Ray starts its workers at nice 15 so that its own processes (raylet, GCS, agents) win the CPU;
-# on a small serving box that hands the CPU of every Serve replica and Train worker to whatever
-# else runs there. Measured on 2 cores (BENCHMARKS.md, "The floor of the HTTP path"): at nice
-# 15 a no-op Serve endpoint fell over at 50 requests a second offered; at 0 it held 150.
-WORKER_NICENESS_ENV = "RAY_worker_niceness"
-DEFAULT_WORKER_NICENESS = 0
-
 
 @dataclass
 class ClusterConfig:
@@ -32,8 +25,6 @@ class ClusterConfig:
     start_local: bool = True  # start `ray start --head` here when nothing answers there
     num_cpus: int | None = None
     dashboard_port: int = 8265
-    # the nice value of the Ray workers a cluster started here runs (Ray's own default: 15)
-    worker_niceness: int = DEFAULT_WORKER_NICENESS
     # the interpreter of the cluster's nodes; null: this one (a cluster on this machine)
     python: str | None = None
     # shipped with every job (code and configs); none of it depends on this machine's folders
@@ -72,20 +63,13 @@ def head_command(cfg: ClusterConfig) -> list[str]:
     return [*cmd, f"--num-cpus={cfg.num_cpus}"] if cfg.num_cpus else cmd
 
 
-def worker_env(niceness: int = DEFAULT_WORKER_NICENESS) -> dict[str, str]:
-    """The environment a Ray node is started in for its workers' nice value; a value already
-    set in the environment wins (``RAY_worker_niceness=15`` brings Ray's default back)."""
-    return {WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, str(niceness))}
-
-
 def start_local_cluster(cfg: ClusterConfig) -> None:
     """Start the head, as a new user's machine needs it: the auth token is generated first
     where there is none."""
     cmd = head_command(cfg)
     ensure_auth_token(cmd[0])
     print(f"starting a local Ray cluster: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                   env=os.environ | worker_env(cfg.worker_niceness))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def connect(address: str, wait_s: float = 0.0) -> None:

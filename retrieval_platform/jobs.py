@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from retrieval_platform.cluster import worker_env
 from retrieval_platform.errors import PlatformError
 
 log = logging.getLogger("retrieval_platform")
@@ -81,8 +80,6 @@ def ray_session() -> Iterator[None]:
         yield
         return
     address = os.environ.get("RAY_ADDRESS") or _live_recorded_cluster()
-    if address == "local":  # the Ray this job starts for itself runs its workers like a head
-        os.environ.update(worker_env())
     try:
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     except ConnectionError as exc:

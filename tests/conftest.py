@@ -28,10 +28,7 @@ def ray_local():
     """One local Ray for the session, with its dashboard (job API, state API) on loopback."""
     import ray
 
-    from retrieval_platform.cluster import worker_env
-
     if not ray.is_initialized():
-        os.environ.update(worker_env())  # as the platform starts a cluster
         ray.init(address="local", num_cpus=2, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  logging_level="WARNING", log_to_driver=False)

@@ -97,19 +97,3 @@ def test_cli_from_a_new_home(ray_local, tmp_path):
     out = subprocess.run([cli, "status", "--dashboard", f"http://{webui}"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "wants its auth token" in out.stderr, out.stderr
-
-
-def test_ray_workers_run_at_the_platform_niceness(ray_local, monkeypatch):
-    """Ray's default nice 15 hands a small box's CPU from the replicas to anything else there;
-    a cluster the platform starts runs them at 0 (a value set by the user wins)."""
-    import os
-
-    from retrieval_platform.cluster import DEFAULT_WORKER_NICENESS, worker_env
-
-    @ray_local.remote(num_cpus=0.1)
-    def niceness() -> int:
-        return os.nice(0)
-
-    assert ray_local.get(niceness.remote(), timeout=60) == DEFAULT_WORKER_NICENESS
-    monkeypatch.setenv("RAY_worker_niceness", "15")
-    assert worker_env() == {"RAY_worker_niceness": "15"}
