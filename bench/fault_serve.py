@@ -1,6 +1,8 @@
-"""A shard replica dies under load: what the clients see, and how long until full recovery.
+"""A shard (or ingress) replica dies under load: what the clients see, and how long until full
+recovery.
 
     python bench/fault_serve.py [--requests 1500] [--concurrency 4]
+        [--kill Ingress --ingress-replicas 2]
 
 Bounded loopback load (fixed request count and concurrency) against the Serve app; after a
 warm-up, one replica actor of Shard_1 is killed. Every response is classified: complete and
@@ -28,7 +30,7 @@ from tests.chaos import kill_serve_replica
 
 
 async def run_load(url: str, queries: list[str], expected: dict[str, list[str]],
-                   concurrency: int, kill_after: int) -> dict:
+                   concurrency: int, kill_after: int, victim: str = "Shard_1") -> dict:
     gate = asyncio.Semaphore(concurrency)
     outcomes: list[tuple[float, str]] = []
     killed_at: list[float] = []
@@ -37,7 +39,7 @@ async def run_load(url: str, queries: list[str], expected: dict[str, list[str]],
             async with gate:
                 if i == kill_after and not killed_at:
                     killed_at.append(time.monotonic())
-                    await asyncio.to_thread(kill_serve_replica, "retrieval", "Shard_1")
+                    await asyncio.to_thread(kill_serve_replica, "retrieval", victim)
                 partial = i % 2 == 1
                 r = await client.post("/search", json={"query": q, "k": 5,
                                                        "allow_partial": partial})
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--port", type=int, default=8012)
+    parser.add_argument("--kill", default="Shard_1", help="the deployment one replica of which "
+                        "is killed: Shard_1, Ingress, QueryEncoder")
+    parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument("--json")
     args = parser.parse_args()
     local_ray()
@@ -85,12 +90,16 @@ def main() -> None:
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     apply(serve_config([app_config(AppArgs(index=str(index), lexical=False,
-                                           request_timeout_s=5.0))], port=args.port))
+                                           request_timeout_s=5.0,
+                                           ingress_replicas=args.ingress_replicas))],
+                 port=args.port))
     load = [queries[i % len(queries)] for i in range(args.requests)]
     result = asyncio.run(run_load(f"http://127.0.0.1:{args.port}", load, expected,
-                                  args.concurrency, kill_after=args.requests // 5))
+                                  args.concurrency, kill_after=args.requests // 5,
+                                  victim=args.kill))
     serve.shutdown()
-    out = {"requests": args.requests, "concurrency": args.concurrency} | result
+    out = {"requests": args.requests, "concurrency": args.concurrency, "killed": args.kill,
+           "ingress_replicas": args.ingress_replicas} | result
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
