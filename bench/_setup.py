@@ -26,6 +26,16 @@ def local_ray() -> int:
     return cpus
 
 
+def direct_ingress_url() -> str | None:
+    """The first ingress replica's own HTTP server where this environment starts Ray with Serve's
+    direct ingress (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` or ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``,
+    read when Ray starts); None otherwise."""
+    if "1" not in (os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+                   os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")):
+        return None
+    return f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', 30000)}"
+
+
 def synthetic_catalog(products: int, prefix: str) -> str:
     """A prepared generated catalog in a new temporary folder; returns the folder."""
     tmp = tempfile.mkdtemp(prefix=prefix)

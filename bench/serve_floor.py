@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import ray
 from _load import open_loop
-from _setup import local_ray
+from _setup import direct_ingress_url, local_ray
 from fastapi import FastAPI
 from ray import serve
 
@@ -67,6 +67,15 @@ class Front:
 class Pinged:
     def ping(self, x: int) -> int:
         return x
+
+
+def deploy(port: int) -> str:
+    """A local Ray serving ``Front`` -> ``Leaf`` behind the proxy on ``port``; its URL."""
+    local_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Front.bind(Leaf.bind()), name="floor", route_prefix="/")
+    time.sleep(3.0)  # a direct-ingress replica's own server starts after the deployment is up
+    return f"http://127.0.0.1:{port}"
 
 
 def one_at_a_time(url: str, path: str, n: int = 60) -> dict[str, float]:
@@ -129,16 +138,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8015)
     parser.add_argument("--json")
     args = parser.parse_args()
-    local_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(Front.bind(Leaf.bind()), name="floor", route_prefix="/")
-    urls = {"plain uvicorn": f"http://127.0.0.1:{args.port + 1}",
-            "proxy": f"http://127.0.0.1:{args.port}"}
-    if "1" in (os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-               os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")):
-        port = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")
-        urls["direct ingress"] = f"http://127.0.0.1:{port}"
-        time.sleep(3.0)  # the replica's own server starts after the deployment is up
+    urls = {"plain uvicorn": f"http://127.0.0.1:{args.port + 1}", "proxy": deploy(args.port)}
+    if direct := direct_ingress_url():
+        urls["direct ingress"] = direct
     out: dict = {"cpus": os.cpu_count(), "duration_s": args.duration,
                  "worker_niceness": os.environ.get("RAY_worker_niceness", "15"),  # noqa: SIM112 (Ray's name)
                  "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from _load import open_loop
-from _setup import local_ray, synthetic_catalog
+from _setup import direct_ingress_url, local_ray, synthetic_catalog
 
 from retrieval_platform.catalog.dataset import PreparedDataset
 from retrieval_platform.config import from_dict
@@ -113,15 +113,6 @@ def drain(url: str, mode: str, idle_ms: float, limit_s: float = 60.0) -> None:
         time.sleep(2.0)
 
 
-def direct_ingress_url() -> str:
-    """The first ingress replica's own HTTP server (Serve's direct ingress)."""
-    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and os.environ.get(
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
-        raise SystemExit("--direct-ingress needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (or "
-                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1) in this process's environment")
-    return f"http://127.0.0.1:{os.environ.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', 30000)}"
-
-
 def wait_ready(url: str, limit_s: float = 60.0) -> None:
     deadline = time.monotonic() + limit_s
     while True:
@@ -192,6 +183,11 @@ def main() -> None:
     parser.add_argument("--direct-ingress", action="store_true",
                         help="load the ingress replica's own HTTP port, not the proxy's")
     args = parser.parse_args()
+    url = f"http://127.0.0.1:{args.port}"
+    if args.direct_ingress:
+        url = direct_ingress_url() or parser.error(
+            "--direct-ingress needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (or "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1) in this process's environment")
     local_ray()
     if args.prepared:
         prepared, root = args.prepared, Path(os.environ.get("TMPDIR", "/tmp")) / "open-loop"
@@ -204,7 +200,6 @@ def main() -> None:
 
     from ray import serve
 
-    url = direct_ingress_url() if args.direct_ingress else f"http://127.0.0.1:{args.port}"
     results, built = {}, {}
     for name, variant in json.loads(args.variants).items():
         build = variant.get("build", {})

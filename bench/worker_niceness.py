@@ -16,22 +16,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
 def one_run(rate: float, path: str) -> dict:
     """In a child process whose environment carries the nice value: deploy, warm, load."""
     from _load import open_loop
-    from _setup import local_ray
     from ray import serve
-    from serve_floor import Front, Leaf
+    from serve_floor import deploy
 
-    local_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": 8015})
-    serve.run(Front.bind(Leaf.bind()), name="floor", route_prefix="/")
-    time.sleep(3.0)
-    url = "http://127.0.0.1:8015"
+    url = deploy(8015)
     asyncio.run(open_loop(url, lambda i: ("POST", path, {"i": i}), 10, 2, grace_s=2))
     result = asyncio.run(open_loop(url, lambda i: ("POST", path, {"i": i}), rate, 8,
                                    grace_s=2)).summary()
