@@ -3,6 +3,8 @@
     retrieval-platform pipeline --config configs/synthetic/pipeline.yaml
     retrieval-platform search "cordless drill" [--k 10] [--mode hybrid] [--url URL] [--json]
     retrieval-platform swap --index runs/indexes/synthetic/v20261124-101500
+    retrieval-platform experiment start --name e1 --arm control=INDEX:90 --arm new=INDEX:10
+    retrieval-platform experiment ramp --weight new=50 | stop [--arm new] | promote --arm new
     retrieval-platform status
     retrieval-platform stop
 """
@@ -56,6 +58,60 @@ def _swap(args: argparse.Namespace) -> int:
     from retrieval_platform.storage import canonical
 
     print(json.dumps(swap_version(canonical(args.index), app_name=args.app), indent=2))
+    return 0
+
+
+def _arm_spec(text: str) -> dict:
+    """``NAME=INDEX:WEIGHT`` (the index may hold colons: a URI; the weight is after the last)."""
+    name, sep, rest = text.partition("=")
+    index, colon, weight = rest.rpartition(":")
+    if not (sep and colon and name and index):
+        raise PlatformError(f"--arm {text!r}: expected NAME=INDEX:WEIGHT")
+    try:
+        return {"name": name, "index": index, "weight": float(weight)}
+    except ValueError:
+        raise PlatformError(f"--arm {text!r}: the weight {weight!r} is not a number") from None
+
+
+def _weight_spec(text: str) -> tuple[str, float]:
+    name, sep, weight = text.partition("=")
+    try:
+        return name, float(weight) if sep else float("nan")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=WEIGHT") from None
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    """Start, ramp, stop or promote, in place on the running application."""
+    import ray
+
+    from retrieval_platform.experiments import control
+    from retrieval_platform.serving.app import ExperimentArgs
+    from retrieval_platform.storage import canonical
+
+    ray.init(address=args.address, logging_level=logging.WARNING, configure_logging=False)
+    common = {"app_name": args.app, "save_config": args.save_config}
+    if args.action != "start" and len(args.arms) > 1:
+        raise PlatformError(f"experiment {args.action} takes one --arm NAME")
+    arm = args.arms[0] if args.arms else None
+    if args.action == "start":
+        if not args.name or not args.arms:
+            raise PlatformError("experiment start needs --name and at least one --arm")
+        arms = [spec | {"index": canonical(spec["index"])}
+                for spec in map(_arm_spec, args.arms)]
+        out = control.start(ExperimentArgs(name=args.name, method=args.method, arms=arms),
+                            **common)
+    elif args.action == "ramp":
+        if not args.weights:
+            raise PlatformError("experiment ramp needs --weight NAME=WEIGHT")
+        out = control.ramp(dict(args.weights), **common)
+    elif args.action == "stop":
+        out = control.stop(arm, **common)
+    else:
+        if not arm:
+            raise PlatformError("experiment promote needs --arm NAME")
+        out = control.promote(arm, **common)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -158,6 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--app", default="retrieval")
     s.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
     s.set_defaults(func=_swap)
+    e = sub.add_parser("experiment", help="run an online experiment on the running endpoint: "
+                                          "start, ramp, stop, promote (in place, no downtime)")
+    e.add_argument("action", choices=["start", "ramp", "stop", "promote"])
+    e.add_argument("--name", help="start: the experiment's name (it salts the assignment)")
+    e.add_argument("--arm", dest="arms", action="append", default=[],
+                   metavar="ARM", help="start: NAME=INDEX:WEIGHT, an arm (repeatable); stop: "
+                   "the arm to stop (none: the whole experiment); promote: the winner")
+    e.add_argument("--method", choices=["ab", "interleave"], default="ab")
+    e.add_argument("--weight", dest="weights", action="append", type=_weight_spec, default=[],
+                   metavar="NAME=WEIGHT", help="ramp: an arm's new weight (repeatable)")
+    e.add_argument("--app", default="retrieval")
+    e.add_argument("--save-config", help="write the resulting Serve config here (serve deploy "
+                                         "of it gives the same state)")
+    e.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    e.set_defaults(func=_experiment)
     st = sub.add_parser("status", help="the cluster's resources and the Serve applications")
     st.add_argument("--dashboard", default="http://127.0.0.1:8265")
     st.set_defaults(func=_status)

@@ -66,6 +66,15 @@ def _filesystem(location: str):  # -> (pyarrow.fs.FileSystem, path inside it)
         raise PlatformError(f"{location}: not a storage URI this node can open ({exc})") from None
 
 
+def arrow_filesystem(location: str | Path):  # -> (pyarrow.fs.FileSystem, path inside it)
+    """The pyarrow filesystem of ``location`` (a local disk or object storage) and its path."""
+    if is_remote(location):
+        return _filesystem(str(location))
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), str(Path(_local(location)).absolute())
+
+
 def exists(location: str | Path) -> bool:
     if not is_remote(location):
         return Path(_local(location)).exists()

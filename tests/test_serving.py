@@ -13,11 +13,6 @@ import pytest
 import torch
 
 from retrieval_platform.catalog.dataset import PreparedDataset
-from retrieval_platform.catalog.prepare import PrepareConfig, prepare_catalog
-from retrieval_platform.config import from_dict
-from retrieval_platform.encoder.backbones import build_tiny_backbone
-from retrieval_platform.encoder.model import DualEncoder
-from retrieval_platform.index.build import BuildIndexConfig, build_version
 from retrieval_platform.index.store import IndexLoadError, load_manifest
 from retrieval_platform.reranker.model import CrossEncoder
 from retrieval_platform.reranker.scoring import rerank_order
@@ -25,7 +20,7 @@ from retrieval_platform.serving.app import AppArgs
 from retrieval_platform.serving.control import app_config, apply, serve_config, swap_version
 from retrieval_platform.serving.search import LocalSearcher
 from tests.chaos import kill_serve_replica
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_versions
 
 API_KEY = "test-key-0123456789"
 QUERIES = ["red running shoes", "stainless steel kettle", "phone case", "cordless drill 18V"]
@@ -33,24 +28,8 @@ QUERIES = ["red running shoes", "stainless steel kettle", "phone case", "cordles
 
 @pytest.fixture(scope="module")
 def indexes(ray_local, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve")
-    prepare_catalog(from_dict(PrepareConfig, {"source": {"num_products": 400, "seed": 2},
-                                              "output_dir": str(root / "data")}))
     # Two versions with different weights: the tiny backbone under two seeds.
-    models = {}
-    for seed in (0, 1):
-        build_tiny_backbone(root / f"backbone{seed}", seed=seed)
-        models[seed] = DualEncoder.from_pretrained(root / f"backbone{seed}", pooling="last")
-        models[seed].settings.base = f"tiny{seed}"
-        models[seed].save(root / f"model{seed}")
-    out = {}
-    for version, seed in (("v1", 0), ("v2", 1)):
-        build_version(from_dict(BuildIndexConfig, {
-            "prepared_dir": str(root / "data"), "model": str(root / f"model{seed}"),
-            "output_root": str(root / "indexes"), "version": version, "num_shards": 2,
-            "embed": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 100}}))
-        out[version] = root / "indexes" / version
-    return out
+    return tiny_versions(tmp_path_factory.mktemp("serve"), {"v1": 0, "v2": 1})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from retrieval_platform import storage
 from retrieval_platform.cluster import require_gpus
 from retrieval_platform.encoder.model import model_location
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index.store import IndexManifest, load_manifest
+from retrieval_platform.experiments.arms import Arm, Experiment, ExperimentError
+from retrieval_platform.index.store import IndexLoadError, IndexManifest, load_manifest, load_shard
 from retrieval_platform.reranker.model import reranker_info
 from retrieval_platform.serving.deployments import (
     IndexShard,
@@ -23,6 +24,7 @@ from retrieval_platform.serving.deployments import (
     QueryEncoder,
     Reranker,
 )
+from retrieval_platform.serving.search import load_encoder_for
 from retrieval_platform.serving.writer import CatalogWriter
 
 
@@ -85,6 +87,40 @@ class RerankerArgs(BaseModel):
         return self
 
 
+class ImpressionLogArgs(BaseModel):
+    """Where every answered search (and every shopper event) is logged, for experiments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="a storage location (an absolute path, or a URI such "
+                                       "as s3://bucket/logs on a cluster)")
+    flush_interval_s: float = Field(1.0, gt=0, description="how often buffered impressions "
+                                    "are written (an ingress lost between flushes loses at "
+                                    "most this much of its log)")
+    max_buffered: int = Field(100_000, ge=1, description="impressions held between flushes; "
+                              "past this they are dropped and counted, never queued without "
+                              "end")
+
+
+class ArmArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64)
+    index: str = Field(..., description="the arm's index version folder (its own model)")
+    weight: float = Field(..., ge=0, allow_inf_nan=False)
+
+
+class ExperimentArgs(BaseModel):
+    """An experiment running from the start (``retrieval-platform experiment`` changes it at
+    run time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64)
+    method: Literal["ab", "interleave"] = "ab"
+    arms: list[ArmArgs] = Field(..., min_length=1)
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app`` (the ``args:`` of the Serve config). They fix the shape of the
     application; which index versions are loaded and served lives in the deployments'
@@ -135,6 +171,9 @@ class AppArgs(BaseModel):
                                        "into one embedding call and one log segment")
     log_poll_interval_s: float = Field(0.05, gt=0, description="how often every shard and "
                                        "BM25 replica looks for new changes in the log")
+    impressions: ImpressionLogArgs | None = Field(None, description="the impression and event "
+                                                  "log; null: none (POST /events answers 403)")
+    experiment: ExperimentArgs | None = Field(None, description="arms served from the start")
 
     @model_validator(mode="after")
     def _replicas(self) -> AppArgs:
@@ -153,14 +192,57 @@ def shard_name(i: int) -> str:
     return f"Shard_{i}"
 
 
-def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | None = None
+def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | None = None,
+                         experiment: Experiment | None = None
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(user_config of encoder/shards/BM25, user_config of the ingress) serving ``manifest``'s
-    version, with ``versions`` (name -> folder) loaded (default: just that one)."""
-    loaded = {"versions": versions or {manifest.version: manifest.path}}
+    version, with ``versions`` (name -> folder) loaded (default: just that one), and
+    ``experiment``'s arms (their versions among ``versions``) when one runs."""
+    versions = versions or {manifest.version: manifest.path}
+    loaded = {"versions": versions}
     active = {"active": manifest.version, "model_id": manifest.model.model_id,
               "fusion": asdict(manifest.fusion)}
+    if experiment is not None:
+        arms = {a.version: load_manifest(versions[a.version]) for a in experiment.arms}
+        active |= {"experiment": experiment.to_dict(),
+                   "arm_versions": {v: {"model_id": m.model.model_id,
+                                        "fusion": asdict(m.fusion)} for v, m in arms.items()}}
     return loaded, active
+
+
+def check_experiment(args: ExperimentArgs, served: IndexManifest
+                     ) -> tuple[Experiment, dict[str, str]]:
+    """The experiment ``args`` describe and its versions (name -> folder), each version
+    checked (``check_version``: its model loads, its vectors fit its index) and of
+    ``served``'s shard count: a clear error before anything is deployed or changed."""
+    versions: dict[str, str] = {}
+    arms = []
+    for a in args.arms:
+        manifest = check_version(storage.canonical(a.index))
+        if len(manifest.shards) != len(served.shards):
+            raise ExperimentError(f"arm {a.name}: {a.index} has {len(manifest.shards)} shards, "
+                                  f"the served index {len(served.shards)}: an experiment's "
+                                  "arms share the shard deployments")
+        if versions.get(manifest.version, manifest.path) != manifest.path:
+            raise ExperimentError(f"arm {a.name}: version {manifest.version} names two "
+                                  f"folders ({versions[manifest.version]}, {manifest.path})")
+        versions[manifest.version] = manifest.path
+        arms.append(Arm(a.name, manifest.version, a.weight))
+    return Experiment(args.name, tuple(arms), args.method), versions
+
+
+def check_version(index_dir: str) -> IndexManifest:
+    """Load everything a version needs, in this process, before any replica is touched: a
+    corrupted or mismatched version is refused here and the running one keeps serving."""
+    manifest = load_manifest(index_dir)
+    encoder = load_encoder_for(index_dir)
+    width = encoder.encode(["dimension probe"]).shape[1]
+    if width != manifest.dim:
+        raise IndexLoadError(f"{index_dir}: its model gives {width}-dimensional vectors, its "
+                             f"index holds {manifest.dim}-dimensional ones")
+    for shard in manifest.shards:
+        load_shard(index_dir, shard.id)
+    return manifest
 
 
 def read_secret(env: str | None, file: str | None, what: str) -> str | None:
@@ -193,7 +275,10 @@ def build_app(args: AppArgs) -> Application:
     write_key = read_secret(args.write_key_env, args.write_key_file, "write_key")
     if write_key is not None and write_key == api_key:
         raise PlatformError("the write key must differ from the read key")
-    loaded, active = version_user_configs(manifest)
+    experiment, versions = (check_experiment(args.experiment, manifest) if args.experiment
+                            else (None, {}))
+    loaded, active = version_user_configs(manifest, {manifest.version: manifest.path}
+                                          | versions, experiment)
     e = args.encoder
     require_gpus(e.gpus, "encoder.gpus")
     encoder = QueryEncoder.options(
@@ -246,4 +331,5 @@ def build_app(args: AppArgs) -> Application:
            max_body_bytes=args.max_body_bytes, max_write_body_bytes=args.max_write_body_bytes,
            max_bulk_items=args.max_bulk_items, timeout_s=args.request_timeout_s,
            write_timeout_s=args.write_timeout_s, max_batch_size=args.ingress_max_batch_size,
-           batch_wait_timeout_s=args.ingress_batch_wait_timeout_s)
+           batch_wait_timeout_s=args.ingress_batch_wait_timeout_s,
+           impressions=args.impressions.model_dump() if args.impressions else None)

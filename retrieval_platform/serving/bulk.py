@@ -63,7 +63,7 @@ def apply_changes(cfg: ApplyChangesConfig) -> ApplyChangesSummary:
     apps = {a["name"]: a for a in deployed_config()["applications"]}
     if cfg.app not in apps:
         raise PlatformError(f"no application named {cfg.app!r} is deployed ({sorted(apps)})")
-    versions, active = served_versions(apps[cfg.app])
+    versions, active, _ = served_versions(apps[cfg.app])
     manifest = load_manifest(versions[active])
     lines = list(_lines(cfg.changes))
     ops: list[WriteOp | WriteResult] = [_parse(n, line) for n, line in lines]

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from retrieval_platform.errors import PlatformError
-from retrieval_platform.index.store import IndexManifest, load_manifest, load_shard
+from retrieval_platform.experiments.arms import Experiment
+from retrieval_platform.index.store import load_manifest
 from retrieval_platform.serving.app import (
     ENCODER,
     INGRESS,
@@ -29,10 +30,11 @@ from retrieval_platform.serving.app import (
     RERANKER,
     WRITER,
     AppArgs,
+    check_experiment,
+    check_version,
     shard_name,
     version_user_configs,
 )
-from retrieval_platform.serving.search import load_encoder_for
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,12 @@ def _backends(app: dict) -> list[str]:
     return names
 
 
-def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:
-    """``app`` with deployment overrides loading ``versions`` and serving ``active``."""
+def with_versions(app: dict, versions: dict[str, str], active: str,
+                  experiment: Experiment | None = None) -> dict:
+    """``app`` with deployment overrides loading ``versions`` and serving ``active`` (and
+    ``experiment``'s arms, their versions among ``versions``)."""
     manifest = load_manifest(versions[active])
-    loaded, ingress = version_user_configs(manifest, versions)
+    loaded, ingress = version_user_configs(manifest, versions, experiment)
     overrides = {d["name"]: d for d in app.get("deployments") or []}
     for name in _backends(app):
         overrides[name] = overrides.get(name, {"name": name}) | {"user_config": loaded}
@@ -94,13 +98,33 @@ def with_versions(app: dict, versions: dict[str, str], active: str) -> dict:
     return app | {"deployments": list(overrides.values())}
 
 
-def served_versions(app: dict) -> tuple[dict[str, str], str]:
-    """(loaded versions, active version) of a deployed application config."""
+def served_versions(app: dict) -> tuple[dict[str, str], str, Experiment | None]:
+    """(loaded versions, active version, the running experiment) of a deployed application
+    config."""
     overrides = {d["name"]: d.get("user_config") for d in app.get("deployments") or []}
     if overrides.get(INGRESS) and overrides.get(ENCODER):
-        return dict(overrides[ENCODER]["versions"]), overrides[INGRESS]["active"]
-    manifest = load_manifest(app["args"]["index"])
-    return {manifest.version: manifest.path}, manifest.version
+        ingress = overrides[INGRESS]
+        experiment = ingress.get("experiment")
+        return (dict(overrides[ENCODER]["versions"]), ingress["active"],
+                Experiment.from_dict(experiment) if experiment else None)
+    # as built from its args (AppArgs.experiment, if any, was checked when it was built)
+    args = AppArgs.model_validate(app["args"])
+    manifest = load_manifest(args.index)
+    loaded, ingress = version_user_configs(manifest)
+    if args.experiment is None:
+        return loaded["versions"], manifest.version, None
+    experiment, versions = check_experiment(args.experiment, manifest)
+    return loaded["versions"] | versions, manifest.version, experiment
+
+
+def deployed_app(app_name: str) -> tuple[dict, int]:
+    """(the whole deployed Serve config, the position of ``app_name`` in it)."""
+    config = deployed_config()
+    position = next((i for i, a in enumerate(config["applications"])
+                     if a["name"] == app_name), None)
+    if position is None:
+        raise PlatformError(f"no application named {app_name!r} is deployed")
+    return config, position
 
 
 def apply(config: dict, *, timeout_s: float = 600.0) -> None:
@@ -140,26 +164,15 @@ def _app_ready(app: dict | None, wanted: dict[str, Any]) -> bool:
     return True
 
 
-def check_version(index_dir: str) -> IndexManifest:
-    """Load everything a version needs, in this process, before any replica is touched: a
-    corrupted or mismatched version is refused here and the running one keeps serving."""
-    manifest = load_manifest(index_dir)
-    load_encoder_for(index_dir)
-    for shard in manifest.shards:
-        load_shard(index_dir, shard.id)
-    return manifest
-
-
 def swap_version(new_index: str, *, app_name: str = "retrieval") -> dict[str, Any]:
     """Serve ``new_index`` instead of the active version, without dropping a request."""
     manifest = check_version(new_index)
-    config = deployed_config()
-    position = next((i for i, a in enumerate(config["applications"])
-                     if a["name"] == app_name), None)
-    if position is None:
-        raise PlatformError(f"no application named {app_name!r} is deployed")
+    config, position = deployed_app(app_name)
     app = config["applications"][position]
-    versions, old = served_versions(app)
+    versions, old, experiment = served_versions(app)
+    if experiment is not None:
+        raise PlatformError(f"experiment {experiment.name} is running: promote an arm or stop "
+                            "it (retrieval-platform experiment) before a swap")
     if len(load_manifest(versions[old]).shards) != len(manifest.shards):
         raise PlatformError("a swap keeps the shard count; this version has "
                             f"{len(manifest.shards)} shards: deploy it as a new application")

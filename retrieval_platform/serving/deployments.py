@@ -13,7 +13,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +23,22 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, HTTPException, Path
+from fastapi import FastAPI, Header, HTTPException, Path
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from retrieval_platform.catalog.live import WriteOp, WriteResult
+from retrieval_platform.experiments.arms import Experiment, key_hash
+from retrieval_platform.experiments.eventlog import (
+    INTERLEAVED_SEP,
+    Event,
+    EventLog,
+    Impression,
+    now,
+)
+from retrieval_platform.experiments.interleaving import team_draft
 from retrieval_platform.index.live import (
     LogFollower,
     load_live_lexical,
@@ -41,6 +52,8 @@ from retrieval_platform.serving.schemas import (
     MAX_PRODUCT_ID_CHARS,
     BulkRequest,
     BulkResponse,
+    EventsRequest,
+    EventsResponse,
     Health,
     ProductFields,
     ProductPatch,
@@ -308,6 +321,17 @@ class _Dense:
     position: int  # the change log position every answering shard had applied
 
 
+@dataclass
+class _Answer:
+    """One version's answer to a request (an interleaved request has two)."""
+
+    hits: list[dict[str, Any]]
+    found: _Dense | None  # the dense part, if the mode has one
+    positions: list[int]  # the change log positions its parts had applied
+    reranked: bool
+    rerank_error: str | None
+
+
 class ShardFailure(Exception):
     def __init__(self, failed: list[int], answered: list[int], hits: list[list[dict]]) -> None:
         super().__init__(f"shards {failed} failed")
@@ -336,7 +360,8 @@ class Ingress:
                  write_key: str | None = None, max_body_bytes: int = 16_384,
                  max_write_body_bytes: int = 4 << 20, max_bulk_items: int = 1000,
                  timeout_s: float = 10.0, write_timeout_s: float = 60.0,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.002) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.002,
+                 impressions: dict[str, Any] | None = None) -> None:
         # Through the module object: Serve pickles this class by value, with a copy of the
         # globals it names, so a module-level dict named here would be a private copy.
         guard.configure(api_key=api_key, write_key=write_key, max_body_bytes=max_body_bytes,
@@ -354,12 +379,27 @@ class Ingress:
         self.active = ""
         self.model_id = ""
         self.fusion = Fusion()
+        self.experiment: Experiment | None = None
+        self.arm_versions: dict[str, tuple[str, Fusion]] = {}
+        self.rng = random.Random()
+        # the impression log: this replica's own files, flushed in the background
+        self.eventlog = (EventLog(impressions["path"], max_buffered=impressions["max_buffered"])
+                         if impressions else None)
+        self.flush_interval_s = impressions["flush_interval_s"] if impressions else 1.0
+        self._flusher: asyncio.Task | None = None
+        # arm "": no experiment runs
         self.requests = Counter("rp_requests_total", description="search requests",
-                                tag_keys=("mode", "status"))
+                                tag_keys=("mode", "status", "arm"))
         self.stage_latency = Histogram(
             "rp_stage_latency_ms", description="time of one request in each stage, as the "
             "ingress sees it (encode, shards, merge, lexical, rerank, total)",
-            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("stage", "arm"))
+        self.result_counts = Histogram("rp_result_count", description="results per answer",
+                                       boundaries=[0, 1, 5, 10, 20, 50, 100], tag_keys=("arm",))
+        self.empty_results = Counter("rp_empty_results_total", description="answers with no "
+                                     "result", tag_keys=("mode", "arm"))
+        self.impressions_dropped = Counter("rp_impressions_dropped_total", description=
+                                           "impressions not logged: the buffer was full")
         self.rerank_fallbacks = Counter("rp_rerank_fallbacks_total", description="requests "
                                         "answered un-reranked because the reranker failed or "
                                         "was too slow", tag_keys=("reason",))
@@ -373,6 +413,10 @@ class Ingress:
         self.active = user_config["active"]
         self.model_id = user_config.get("model_id", "")
         self.fusion = Fusion(**(user_config.get("fusion") or {}))  # the active version's
+        self.arm_versions = {v: (m["model_id"], Fusion(**(m.get("fusion") or {})))
+                             for v, m in (user_config.get("arm_versions") or {}).items()}
+        experiment = user_config.get("experiment")
+        self.experiment = Experiment.from_dict(experiment) if experiment else None
 
     async def _call(self, method: Any, *args: Any) -> Any:
         """``method.remote(*args)`` within the request timeout. A replica lost mid-call (its
@@ -439,13 +483,81 @@ class Ingress:
                          401: {"description": "missing or wrong API key"},
                          413: {"description": "request body too large"},
                          503: {"description": "a shard or the encoder is unavailable"}})
-    async def search(self, request: SearchRequest) -> SearchResponse:
-        version, started = self.active, time.perf_counter()
+    async def search(self, request: SearchRequest,
+                     x_user_id: str | None = Header(
+                         None, min_length=1, max_length=256,
+                         description="the assignment key when the body names no user_id or "
+                                     "session_id")) -> SearchResponse:
+        started = time.perf_counter()
+        key = request.user_id or request.session_id or x_user_id
+        # one snapshot: a ramp or a stop arriving mid-request does not change this answer
+        experiment = self.experiment
+        arm, assignment, versions = None, None, [self.active]
+        if experiment is not None and experiment.method == "ab":
+            chosen, assignment = experiment.assign(key, self.rng)
+            arm, versions = chosen.name, [chosen.version]
+        elif experiment is not None:  # interleave: both arms answer, one list goes back
+            first, second = experiment.arms[:2]
+            arm, assignment = INTERLEAVED_SEP.join((first.name, second.name)), (
+                "key" if key else "random")
+            versions = [first.version, second.version]
         timings: dict[str, float] = {}
+        answers = await asyncio.gather(
+            *(self._answer(v, request, timings if i == 0 else {}) for i, v in enumerate(versions)),
+            return_exceptions=True)
+        failed = next((a for a in answers if isinstance(a, BaseException)), None)
+        if failed is not None:
+            raise self._http_error(request.mode, failed, arm) from None
+        hits, teams = answers[0].hits, None
+        if len(answers) == 2:
+            ids, team_of = team_draft([h["product_id"] for h in answers[0].hits],
+                                      [h["product_id"] for h in answers[1].hits], request.k,
+                                      self.rng)
+            by_id = {h["product_id"]: h for a in reversed(answers) for h in a.hits}
+            hits = [by_id[p] for p in ids]
+            teams = [experiment.arms[t].name for t in team_of]
+        timings["total"] = (time.perf_counter() - started) * 1000
+        tags = {"mode": request.mode, "arm": arm or ""}
+        self.requests.inc(tags=tags | {"status": "200"})
+        self.result_counts.observe(len(hits), tags={"arm": arm or ""})
+        if not hits:
+            self.empty_results.inc(tags=tags)
+        for stage, ms in timings.items():
+            self.stage_latency.observe(ms, tags={"stage": stage, "arm": arm or ""})
+        request_id = uuid.uuid4().hex
+        version = INTERLEAVED_SEP.join(versions)
+        self._log_impression(Impression(
+            request_id, now(), experiment.name if experiment else None, key_hash(key),
+            assignment, arm or "default", version, request.query, request.mode,
+            [h["product_id"] for h in hits], [float(h["score"]) for h in hits], teams))
+        found = answers[0].found
+        answered, failed_shards = (found.answered, found.failed) if found else ([], [])
+        return SearchResponse(
+            results=hits, mode=request.mode, version=version,
+            model_id=INTERLEAVED_SEP.join(self._served(v)[0] for v in versions),
+            partial=any(a.found is not None and bool(a.found.failed) for a in answers),
+            shards=ShardStatus(answered=answered, failed=failed_shards),
+            timings_ms={k: round(v, 2) for k, v in timings.items()},
+            applied_position=min((p for a in answers for p in a.positions), default=0),
+            reranked=all(a.reranked for a in answers),
+            rerank_error=next((a.rerank_error for a in answers if a.rerank_error), None),
+            request_id=request_id, experiment=experiment.name if experiment else None,
+            arm=arm, assignment=assignment,
+        )
+
+    def _served(self, version: str) -> tuple[str, Fusion]:
+        """(model id, fusion) of a served version: the active one's, or an arm's."""
+        if version == self.active:
+            return self.model_id, self.fusion
+        return self.arm_versions[version]
+
+    async def _answer(self, version: str, request: SearchRequest,
+                      timings: dict[str, float]) -> _Answer:
+        """``version``'s answer to ``request`` (its stages' times into ``timings``)."""
         filters = request.filters.model_dump() if request.filters else None
         rerank_depth = self._rerank_depth(request)
         depth = max(candidate_depth(request.mode, request.k), rerank_depth)
-        dense, lexical, found, positions = [], [], None, []
+        dense, lexical, positions = [], [], []
         # A hybrid request's two parts run at once: the BM25 hop and scoring overlap the
         # encoder and the shards instead of following them.
         parts = [asyncio.ensure_future(self._dense_part(version, request, depth, filters)
@@ -455,10 +567,10 @@ class Ingress:
                                        if uses_lexical(request.mode) else _nothing())]
         try:
             found, lexical_part = await asyncio.gather(*parts)
-        except Exception as exc:
+        except Exception:
             for part in parts:  # the other part's answer is not needed any more
                 part.cancel()
-            raise self._http_error(request.mode, exc) from None
+            raise
         if found is not None:
             dense = found.hits
             timings |= found.timings
@@ -466,24 +578,68 @@ class Ingress:
         if lexical_part is not None:
             lexical, position = lexical_part
             positions.append(position)
-        hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth), self.fusion)
+        hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth),
+                       self._served(version)[1])
         rerank_error = None
         if rerank_depth:
             hits, rerank_error = await self._reranked(version, request.query, hits,
                                                       rerank_depth, timings)
-        hits = hits[: request.k]
-        timings["total"] = (time.perf_counter() - started) * 1000
-        self.requests.inc(tags={"mode": request.mode, "status": "200"})
-        for stage, ms in timings.items():
-            self.stage_latency.observe(ms, tags={"stage": stage})
-        answered, failed = (found.answered, found.failed) if found else ([], [])
-        return SearchResponse(
-            results=hits, mode=request.mode, version=version, model_id=self.model_id,
-            partial=bool(failed), shards=ShardStatus(answered=answered, failed=failed),
-            timings_ms={k: round(v, 2) for k, v in timings.items()},
-            applied_position=min(positions, default=0),
-            reranked=bool(rerank_depth) and rerank_error is None, rerank_error=rerank_error,
-        )
+        return _Answer(hits[: request.k], found, positions,
+                       bool(rerank_depth) and rerank_error is None, rerank_error)
+
+    # ------------------------------------------------------------------- experiment log
+
+    def _log_impression(self, impression: Impression) -> None:
+        """Buffer the impression for the next flush: never waits, never fails the request."""
+        if self.eventlog is None:
+            return
+        if self._flusher is None:  # started here: __init__ runs before the event loop does
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        if not self.eventlog.add(impression):
+            self.impressions_dropped.inc()
+
+    async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await loop.run_in_executor(None, self.eventlog.flush)  # it keeps rows it could
+            # not write, and logs why
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown (a downscale, an update): the buffer is
+        # written before the replica goes
+        if getattr(self, "eventlog", None) is not None:
+            self.eventlog.flush()
+
+    # serve.batch: the events of concurrent posts are written as one file (a group commit)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
+    async def _commit_events(self, posts: list[list[Event]]) -> list[int]:
+        events = [e for post in posts for e in post]
+        await asyncio.get_running_loop().run_in_executor(None, self.eventlog.write_events,
+                                                         events)
+        return [len(post) for post in posts]
+
+    @app.post("/events", response_model=EventsResponse, status_code=202,
+              responses={401: {"description": "missing or wrong API key"},
+                         403: {"description": "this deployment keeps no impression log"},
+                         413: {"description": "request body too large"},
+                         422: {"description": "invalid events"},
+                         503: {"description": "not written (storage unavailable); retry"}})
+    async def events(self, body: EventsRequest) -> EventsResponse:
+        """Shopper events on the products of an answer (click, add_to_cart, order), named by
+        the answer's request_id: acknowledged once written to the log."""
+        if self.eventlog is None:
+            raise HTTPException(403, "this deployment keeps no impression log "
+                                     "(AppArgs.impressions): events have nowhere to go")
+        received = now()
+        post = [Event(e.request_id, e.product_id, e.type, received) for e in body.events]
+        try:
+            accepted = await asyncio.wait_for(self._commit_events(post), timeout=self.timeout_s)
+        except Exception as exc:
+            log.warning("events not written: %r", exc)
+            raise HTTPException(503, f"the events were not written ({type(exc).__name__}); "
+                                     "retry", headers={"Retry-After": "1"}) from None
+        return EventsResponse(accepted=accepted)
 
     def _rerank_depth(self, request: SearchRequest) -> int:
         """How many candidates this request reranks (0: none)."""
@@ -544,12 +700,12 @@ class Ingress:
         _lap(timings, "lexical", lap)
         return lexical
 
-    def _http_error(self, mode: str, exc: Exception) -> HTTPException:
+    def _http_error(self, mode: str, exc: BaseException, arm: str | None) -> HTTPException:
         """The one mapping of a failed request to its HTTP answer: ours (4xx) as they are; a
         shard, the encoder or BM25 unavailable (a replica down, a timeout): 503, retry."""
         if isinstance(exc, HTTPException):
             return exc
-        self.requests.inc(tags={"mode": mode, "status": "503"})
+        self.requests.inc(tags={"mode": mode, "status": "503", "arm": arm or ""})
         if isinstance(exc, ShardFailure):
             return HTTPException(503, f"shards {exc.failed} of {len(self.shards)} did not "
                                       "answer; retry, or set allow_partial",

@@ -11,6 +11,8 @@ from retrieval_platform.catalog.live import WriteOp, WriteResult
 MAX_QUERY_CHARS = 512
 MAX_K = 100
 MAX_RERANK_DEPTH = 200
+MAX_KEY_CHARS = 256
+MAX_EVENTS = 256
 BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the schema's pattern)
 
 
@@ -54,6 +56,12 @@ class SearchRequest(BaseModel):
     rerank_depth: int | None = Field(None, ge=1, le=MAX_RERANK_DEPTH,
                                      description="candidates reranked (null: the "
                                                  "deployment's default)")
+    user_id: str | None = Field(None, min_length=1, max_length=MAX_KEY_CHARS,
+                                description="the shopper (an experiment's sticky assignment "
+                                            "key; the log keeps only its hash)")
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_KEY_CHARS,
+                                   description="the session: the assignment key when there "
+                                               "is no user_id")
 
     @field_validator("k", "rerank_depth", mode="before")
     @classmethod
@@ -105,6 +113,32 @@ class SearchResponse(BaseModel):
     rerank_error: str | None = Field(None, description="why a requested rerank did not happen "
                                      "(the reranker unavailable or too slow): the results are "
                                      "the first stage's")
+    request_id: str = Field("", description="this answer's id: events (POST /events) name it")
+    experiment: str | None = Field(None, description="the running experiment, if any")
+    arm: str | None = Field(None, description="the experiment's arm that answered (A+B: two "
+                            "arms interleaved)")
+    assignment: Literal["key", "random"] | None = Field(
+        None, description="key: the arm follows user_id, session_id or X-User-Id (sticky); "
+                          "random: no key was given, the arm was drawn by weight")
+
+
+class ShopperEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    request_id: str = Field(..., min_length=1, max_length=64,
+                            description="the request_id of the answer the product was in")
+    product_id: str = Field(..., min_length=1, max_length=256)
+    type: Literal["click", "add_to_cart", "order"]
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    events: list[ShopperEvent] = Field(..., min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(..., description="events written to the log (all of the request's)")
 
 
 class Health(BaseModel):
