@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     return job_main("simulate_experiment", CONFIG, simulate, argv, __doc__,
                     summarize=lambda r: json.dumps(
                         {k: r[k] for k in ("queries", "offline_ndcg", "better_offline")}
-                        | {d: {"users_needed": v["users_needed"], "rows": v["rows"]}
+                        | {d: {"users_needed": v["users_needed"], "power": v["power"]}
                            for d, v in r["designs"].items()}, indent=2))
 
 

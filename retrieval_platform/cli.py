@@ -89,27 +89,28 @@ def _experiment(args: argparse.Namespace) -> int:
     from retrieval_platform.serving.app import ExperimentArgs
     from retrieval_platform.storage import canonical
 
-    ray.init(address=args.address, logging_level=logging.WARNING, configure_logging=False)
-    common = {"app_name": args.app, "save_config": args.save_config}
+    # the arguments first: a mistake costs no connection to the cluster
     if args.action != "start" and len(args.arms) > 1:
         raise PlatformError(f"experiment {args.action} takes one --arm NAME")
     arm = args.arms[0] if args.arms else None
+    if args.action == "start" and (not args.name or not args.arms):
+        raise PlatformError("experiment start needs --name and at least one --arm")
+    if args.action == "ramp" and not args.weights:
+        raise PlatformError("experiment ramp needs --weight NAME=WEIGHT")
+    if args.action == "promote" and not arm:
+        raise PlatformError("experiment promote needs --arm NAME")
+    arms = [spec | {"index": canonical(spec["index"])}
+            for spec in map(_arm_spec, args.arms)] if args.action == "start" else []
+    ray.init(address=args.address, logging_level=logging.WARNING, configure_logging=False)
+    common = {"app_name": args.app, "save_config": args.save_config}
     if args.action == "start":
-        if not args.name or not args.arms:
-            raise PlatformError("experiment start needs --name and at least one --arm")
-        arms = [spec | {"index": canonical(spec["index"])}
-                for spec in map(_arm_spec, args.arms)]
         out = control.start(ExperimentArgs(name=args.name, method=args.method, arms=arms),
                             **common)
     elif args.action == "ramp":
-        if not args.weights:
-            raise PlatformError("experiment ramp needs --weight NAME=WEIGHT")
         out = control.ramp(dict(args.weights), **common)
     elif args.action == "stop":
         out = control.stop(arm, **common)
     else:
-        if not arm:
-            raise PlatformError("experiment promote needs --arm NAME")
         out = control.promote(arm, **common)
     print(json.dumps(out, indent=2))
     return 0

@@ -3,6 +3,7 @@ impression log, the analysis (hand-worked values) and a simulated experiment it 
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from datetime import UTC, datetime
@@ -197,3 +198,18 @@ def test_a_simulated_experiment_finds_the_better_ranker(tmp_path):
             assert sum(a.users for a in report.arms) == 300
         else:
             assert report.interleaving.winner == "treatment", report.markdown()
+
+
+def test_the_cli_reads_arms_and_refuses_bad_ones(monkeypatch):
+    # importing the CLI sets RAY_AUTH_MODE for its own process; restored after this test so
+    # that the session's local Ray starts as every other test expects
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+    from retrieval_platform.cli import _arm_spec, main
+    from retrieval_platform.errors import PlatformError
+
+    assert _arm_spec("new=s3://bucket/indexes/v2:12.5") == {
+        "name": "new", "index": "s3://bucket/indexes/v2", "weight": 12.5}
+    for bad in ("new", "new=/idx", "new=/idx:lots"):
+        with pytest.raises(PlatformError, match="--arm"):
+            _arm_spec(bad)
+    assert main(["experiment", "promote"]) == 2  # no --arm: a one-line error, nothing done

@@ -98,7 +98,7 @@ class ExperimentReport:
 
     def markdown(self) -> str:
         lines = [f"| arm | versions | impressions | users | CTR@{self.k} | add-to-cart | "
-                 "order | MRR |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                 "order | MRR |", "|---|---|---:|---:|---:|---:|---:|---:|"] if self.arms else []
         for a in self.arms:
             lines.append(f"| {a.arm} | {', '.join(a.versions)} | {a.impressions} | {a.users} | "
                          + " | ".join(str(a.metrics[m]) for m in METRICS) + " |")
@@ -109,7 +109,8 @@ class ExperimentReport:
                       f"[{c.delta.low:+.4f}, {c.delta.high:+.4f}] | "
                       f"{'yes' if c.decided else 'no'} |" for c in self.comparisons]
         if (i := self.interleaving) is not None:
-            lines += ["", f"Interleaving {i.arm_a} vs {i.arm_b}: {i.impressions} impressions "
+            lines += [""] * bool(lines) + [
+                      f"Interleaving {i.arm_a} vs {i.arm_b}: {i.impressions} impressions "
                       f"with clicks from {i.users} users; wins {i.wins_a} / {i.wins_b}, ties "
                       f"{i.ties}; preference for {i.arm_b}: {i.preference_b.value:+.4f} "
                       f"[{i.preference_b.low:+.4f}, {i.preference_b.high:+.4f}]; winner: "

@@ -66,6 +66,8 @@ class SimulateConfig:
     user_grid: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 4000, 8000])
     clicks: ClickModel = field(default_factory=ClickModel)
     replicates: int = 500
+    repeats: int = 10  # independent populations: the power at each number of users
+    power: float = 0.8  # users needed: the fewest with which this share finds the better arm
     seed: int = 0
 
 
@@ -96,9 +98,10 @@ def _shopper(shown: list[str], judged: dict[str, float], gain, m: ClickModel,
 
 def _simulate(cfg: SimulateConfig, design: str, rankings: dict[str, dict[str, list[str]]],
               qrels: dict[str, dict[str, float]], queries: dict[str, str], gain,
-              root: Path) -> None:
-    """``cfg.users`` shoppers searching under ``design`` (ab | interleave), logged at ``root``."""
-    rng = random.Random(f"{cfg.seed}-{design}")
+              root: Path, repeat: int = 0) -> None:
+    """``cfg.users`` shoppers searching under ``design`` (ab | interleave), logged at ``root``
+    (``repeat``: another independent population)."""
+    rng = random.Random(f"{cfg.seed}-{design}-{repeat}")
     experiment = Experiment(f"sim-{design}", (Arm("control", "control", 1.0),
                                              Arm("treatment", "treatment", 1.0)),
                             "ab" if design == "ab" else "interleave")
@@ -150,24 +153,32 @@ def simulate(cfg: SimulateConfig) -> dict:
                          for arm, per_query in ndcg.items()} | {
             "treatment_minus_control": str(offline)},
         "better_offline": better, "designs": {}}
-    with tempfile.TemporaryDirectory(prefix="rp-sim-") as tmp:
-        for design in ("ab", "interleave"):
-            root = Path(tmp) / design
-            _simulate(cfg, design, rankings, qrels, queries, ds.scale.gain, root)
-            impressions, events = read_log(str(root))
+    for design in ("ab", "interleave"):
+        runs: list[list[dict]] = []
+        for repeat in range(cfg.repeats):
+            with tempfile.TemporaryDirectory(prefix="rp-sim-") as tmp:
+                _simulate(cfg, design, rankings, qrels, queries, ds.scale.gain, Path(tmp),
+                          repeat)
+                impressions, events = read_log(tmp)
             rows = []
             for n in cfg.user_grid:
                 keep = pa.array([key_hash(f"user-{u}") for u in range(min(n, cfg.users))])
                 mask = pc.is_in(impressions["key_hash"], value_set=keep)
                 report = analyze(impressions.filter(mask), events, k=cfg.k, control="control",
-                                 seed=cfg.seed, replicates=cfg.replicates)
+                                 seed=cfg.seed + repeat, replicates=cfg.replicates)
                 rows.append(_row(n, design, report))
-                log.info("%s, %d users: %s", design, n, rows[-1])
-            # the fewest users from which every larger population finds the better arm
-            needed = next((r["users"] for i, r in enumerate(rows)
-                           if all(s["winner"] == better for s in rows[i:])), None)
-            result["designs"][design] = {"rows": rows, "users_needed": needed,
-                                         "report": report.markdown()}
+            runs.append(rows)
+            if repeat == 0:
+                result["designs"][design] = {"first_run": rows, "report": report.markdown()}
+            log.info("%s, population %d: %s", design, repeat,
+                     [(r["users"], r["winner"]) for r in rows])
+        # power: the share of independent populations whose analysis names the better arm
+        power = [{"users": n, "found_better": sum(r[i]["winner"] == better for r in runs)
+                  / len(runs), "found_worse": sum(r[i]["winner"] not in (None, better)
+                                                  for r in runs) / len(runs)}
+                 for i, n in enumerate(cfg.user_grid)]
+        needed = next((p["users"] for p in power if p["found_better"] >= cfg.power), None)
+        result["designs"][design] |= {"power": power, "users_needed": needed}
     write_json(out / "simulation.json", result)
     return result
 

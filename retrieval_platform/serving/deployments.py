@@ -377,10 +377,8 @@ class Ingress:
         self.write_timeout_s = write_timeout_s
         self.timeout_s = timeout_s
         self.active = ""
-        self.model_id = ""
-        self.fusion = Fusion()
         self.experiment: Experiment | None = None
-        self.arm_versions: dict[str, tuple[str, Fusion]] = {}
+        self.served: dict[str, tuple[str, Fusion]] = {}  # version -> (model id, fusion)
         self.rng = random.Random()
         # the impression log: this replica's own files, flushed in the background
         self.eventlog = (EventLog(impressions["path"], max_buffered=impressions["max_buffered"])
@@ -395,7 +393,7 @@ class Ingress:
             "ingress sees it (encode, shards, merge, lexical, rerank, total)",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("stage", "arm"))
         self.result_counts = Histogram("rp_result_count", description="results per answer",
-                                       boundaries=[0, 1, 5, 10, 20, 50, 100], tag_keys=("arm",))
+                                       boundaries=[1, 5, 10, 20, 50, 100], tag_keys=("arm",))
         self.empty_results = Counter("rp_empty_results_total", description="answers with no "
                                      "result", tag_keys=("mode", "arm"))
         self.impressions_dropped = Counter("rp_impressions_dropped_total", description=
@@ -410,12 +408,14 @@ class Ingress:
         self._dense_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.active = user_config["active"]
-        self.model_id = user_config.get("model_id", "")
-        self.fusion = Fusion(**(user_config.get("fusion") or {}))  # the active version's
-        self.arm_versions = {v: (m["model_id"], Fusion(**(m.get("fusion") or {})))
-                             for v, m in (user_config.get("arm_versions") or {}).items()}
+        # replaced whole, never changed in place: a request holds the one it started with
+        active = user_config["active"]
+        self.served = {v: (m["model_id"], Fusion(**(m.get("fusion") or {})))
+                       for v, m in (user_config.get("arm_versions") or {}).items()} | {
+            active: (user_config.get("model_id", ""),
+                     Fusion(**(user_config.get("fusion") or {})))}
         experiment = user_config.get("experiment")
+        self.active = active
         self.experiment = Experiment.from_dict(experiment) if experiment else None
 
     async def _call(self, method: Any, *args: Any) -> Any:
@@ -490,8 +490,8 @@ class Ingress:
                                      "session_id")) -> SearchResponse:
         started = time.perf_counter()
         key = request.user_id or request.session_id or x_user_id
-        # one snapshot: a ramp or a stop arriving mid-request does not change this answer
-        experiment = self.experiment
+        # one snapshot: a swap, ramp or stop arriving mid-request does not change this answer
+        experiment, served = self.experiment, self.served
         arm, assignment, versions = None, None, [self.active]
         if experiment is not None and experiment.method == "ab":
             chosen, assignment = experiment.assign(key, self.rng)
@@ -503,8 +503,8 @@ class Ingress:
             versions = [first.version, second.version]
         timings: dict[str, float] = {}
         answers = await asyncio.gather(
-            *(self._answer(v, request, timings if i == 0 else {}) for i, v in enumerate(versions)),
-            return_exceptions=True)
+            *(self._answer(v, served[v][1], request, timings if i == 0 else {})
+              for i, v in enumerate(versions)), return_exceptions=True)
         failed = next((a for a in answers if isinstance(a, BaseException)), None)
         if failed is not None:
             raise self._http_error(request.mode, failed, arm) from None
@@ -526,15 +526,16 @@ class Ingress:
             self.stage_latency.observe(ms, tags={"stage": stage, "arm": arm or ""})
         request_id = uuid.uuid4().hex
         version = INTERLEAVED_SEP.join(versions)
-        self._log_impression(Impression(
-            request_id, now(), experiment.name if experiment else None, key_hash(key),
-            assignment, arm or "default", version, request.query, request.mode,
-            [h["product_id"] for h in hits], [float(h["score"]) for h in hits], teams))
+        if self.eventlog is not None:
+            self._log_impression(Impression(
+                request_id, now(), experiment.name if experiment else None, key_hash(key),
+                assignment, arm or "default", version, request.query, request.mode,
+                [h["product_id"] for h in hits], [float(h["score"]) for h in hits], teams))
         found = answers[0].found
         answered, failed_shards = (found.answered, found.failed) if found else ([], [])
         return SearchResponse(
             results=hits, mode=request.mode, version=version,
-            model_id=INTERLEAVED_SEP.join(self._served(v)[0] for v in versions),
+            model_id=INTERLEAVED_SEP.join(served[v][0] for v in versions),
             partial=any(a.found is not None and bool(a.found.failed) for a in answers),
             shards=ShardStatus(answered=answered, failed=failed_shards),
             timings_ms={k: round(v, 2) for k, v in timings.items()},
@@ -545,13 +546,7 @@ class Ingress:
             arm=arm, assignment=assignment,
         )
 
-    def _served(self, version: str) -> tuple[str, Fusion]:
-        """(model id, fusion) of a served version: the active one's, or an arm's."""
-        if version == self.active:
-            return self.model_id, self.fusion
-        return self.arm_versions[version]
-
-    async def _answer(self, version: str, request: SearchRequest,
+    async def _answer(self, version: str, fusion: Fusion, request: SearchRequest,
                       timings: dict[str, float]) -> _Answer:
         """``version``'s answer to ``request`` (its stages' times into ``timings``)."""
         filters = request.filters.model_dump() if request.filters else None
@@ -578,8 +573,7 @@ class Ingress:
         if lexical_part is not None:
             lexical, position = lexical_part
             positions.append(position)
-        hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth),
-                       self._served(version)[1])
+        hits = combine(request.mode, dense, lexical, max(request.k, rerank_depth), fusion)
         rerank_error = None
         if rerank_depth:
             hits, rerank_error = await self._reranked(version, request.query, hits,
@@ -591,8 +585,6 @@ class Ingress:
 
     def _log_impression(self, impression: Impression) -> None:
         """Buffer the impression for the next flush: never waits, never fails the request."""
-        if self.eventlog is None:
-            return
         if self._flusher is None:  # started here: __init__ runs before the event loop does
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         if not self.eventlog.add(impression):
@@ -620,7 +612,8 @@ class Ingress:
         return [len(post) for post in posts]
 
     @app.post("/events", response_model=EventsResponse, status_code=202,
-              responses={401: {"description": "missing or wrong API key"},
+              responses={400: {"description": "the body is not valid JSON"},
+                         401: {"description": "missing or wrong API key"},
                          403: {"description": "this deployment keeps no impression log"},
                          413: {"description": "request body too large"},
                          422: {"description": "invalid events"},

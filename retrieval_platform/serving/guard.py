@@ -11,6 +11,10 @@ from typing import Any
 SETTINGS: dict[str, Any] = {"api_key": None, "write_key": None, "max_body_bytes": 16_384,
                             "max_write_body_bytes": 4 << 20}
 WRITE_METHODS = frozenset({"PUT", "PATCH", "DELETE", "POST"})
+# POST /events: its schema bounds it (256 events of ids up to 64 + 256 characters, each up to
+# 12 bytes JSON-escaped: under 1 MiB), so any body the schema allows fits; the read-path limit
+# (max_body_bytes) would refuse valid posts
+EVENTS_PATH, MAX_EVENTS_BODY_BYTES = "/events", 2 << 20
 
 
 def configure(*, api_key: str | None, max_body_bytes: int, write_key: str | None = None,
@@ -66,6 +70,8 @@ class GuardMiddleware:
                 return
         else:
             api_key, limit = SETTINGS["api_key"], SETTINGS["max_body_bytes"]
+            if scope.get("path") == EVENTS_PATH:
+                limit = MAX_EVENTS_BODY_BYTES
             protected = api_key is not None and scope.get("path") not in self.OPEN_PATHS
             if protected and not hmac.compare_digest(headers.get(b"x-api-key", b""), api_key):
                 await _reply(send, 401, "missing or wrong X-API-Key header")
