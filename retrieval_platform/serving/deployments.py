@@ -492,15 +492,7 @@ class Ingress:
         key = request.user_id or request.session_id or x_user_id
         # one snapshot: a swap, ramp or stop arriving mid-request does not change this answer
         experiment, served = self.experiment, self.served
-        arm, assignment, versions = None, None, [self.active]
-        if experiment is not None and experiment.method == "ab":
-            chosen, assignment = experiment.assign(key, self.rng)
-            arm, versions = chosen.name, [chosen.version]
-        elif experiment is not None:  # interleave: both arms answer, one list goes back
-            first, second = experiment.arms[:2]
-            arm, assignment = INTERLEAVED_SEP.join((first.name, second.name)), (
-                "key" if key else "random")
-            versions = [first.version, second.version]
+        arm, assignment, versions = self._route(experiment, key)
         timings: dict[str, float] = {}
         answers = await asyncio.gather(
             *(self._answer(v, served[v][1], request, timings if i == 0 else {})
@@ -545,6 +537,20 @@ class Ingress:
             request_id=request_id, experiment=experiment.name if experiment else None,
             arm=arm, assignment=assignment,
         )
+
+    def _route(self, experiment: Experiment | None, key: str | None
+               ) -> tuple[str | None, str | None, list[str]]:
+        """(arm, assignment, the versions that answer) of a request with ``key``: the active
+        version without an experiment; the assigned arm's in an A/B split; both arms' when
+        they are interleaved (one list goes back)."""
+        if experiment is None:
+            return None, None, [self.active]
+        if experiment.method == "ab":
+            chosen, assignment = experiment.assign(key, self.rng)
+            return chosen.name, assignment, [chosen.version]
+        first, second = experiment.arms[:2]
+        return (INTERLEAVED_SEP.join((first.name, second.name)), "key" if key else "random",
+                [first.version, second.version])
 
     async def _answer(self, version: str, fusion: Fusion, request: SearchRequest,
                       timings: dict[str, float]) -> _Answer:
