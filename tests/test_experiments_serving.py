@@ -241,3 +241,20 @@ def test_interleaving_events_and_the_log_while_a_replica_dies(service, versions,
     assert first["key_hash"] == key_hash("u1") and first["teams"] and first["arm"] == "a+b"
     control.stop(app_name=APP)
     assert client.post("/search", json={"query": "x"}).json()["experiment"] is None
+
+
+def test_an_experiment_in_the_app_args_is_checked_and_read_back(versions, tmp_path):
+    """``experiment:`` in the Serve config starts one at deploy; the state the CLI reads from
+    such a config is that experiment, checked as ``experiment start`` checks it."""
+    v1, v2 = str(versions["v1"]), str(versions["v2"])
+    args = AppArgs(index=v1, experiment={"name": "e0", "arms": _arms(
+        control=(v1, 3), new=(v2, 1))})
+    loaded, active, experiment = served_versions(app_config(args))
+    assert loaded == {"v1": v1, "v2": v2} and active == "v1"
+    assert [(a.name, a.version, a.weight) for a in experiment.arms] == [
+        ("control", "v1", 3), ("new", "v2", 1)]
+    clone = tmp_path / "v1"
+    shutil.copytree(versions["v1"], clone)  # the same version name in another folder
+    clash = AppArgs(index=v1, experiment={"name": "e0", "arms": _arms(a=(str(clone), 1))})
+    with pytest.raises(ExperimentError, match="another folder"):
+        served_versions(app_config(clash))

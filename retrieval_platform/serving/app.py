@@ -223,9 +223,10 @@ def check_experiment(args: ExperimentArgs, served: IndexManifest
             raise ExperimentError(f"arm {a.name}: {a.index} has {len(manifest.shards)} shards, "
                                   f"the served index {len(served.shards)}: an experiment's "
                                   "arms share the shard deployments")
-        if versions.get(manifest.version, manifest.path) != manifest.path:
-            raise ExperimentError(f"arm {a.name}: version {manifest.version} names two "
-                                  f"folders ({versions[manifest.version]}, {manifest.path})")
+        if {served.version: served.path, **versions}.get(manifest.version,
+                                                         manifest.path) != manifest.path:
+            raise ExperimentError(f"arm {a.name}: version {manifest.version} is served from "
+                                  f"another folder than {manifest.path}")
         versions[manifest.version] = manifest.path
         arms.append(Arm(a.name, manifest.version, a.weight))
     return Experiment(args.name, tuple(arms), args.method), versions
