@@ -43,8 +43,7 @@ class Experiment:
     _bounds: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ExperimentError(f"experiment name {self.name!r}: use letters, digits, - and _")
+        _check_name("experiment", self.name)
         names = [a.name for a in self.arms]
         if len(names) < 2 and self.method == "interleave":
             raise ExperimentError("an interleaving experiment needs two arms")
@@ -53,8 +52,7 @@ class Experiment:
         if len(set(names)) != len(names):
             raise ExperimentError(f"arm names repeat: {names}")
         for a in self.arms:
-            if not a.name or not a.name.replace("-", "").replace("_", "").isalnum():
-                raise ExperimentError(f"arm name {a.name!r}: use letters, digits, - and _")
+            _check_name("arm", a.name)
             if not isinstance(a.weight, int | float) or not math.isfinite(a.weight) \
                     or a.weight < 0:
                 raise ExperimentError(f"arm {a.name}: weight {a.weight!r} must be a finite "
@@ -97,6 +95,11 @@ class Experiment:
             return cls(str(d["name"]), arms, d.get("method", "ab"))
         except (KeyError, TypeError) as exc:
             raise ExperimentError(f"experiment config {d!r}: {exc!r}") from None
+
+
+def _check_name(what: str, name: str) -> None:
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ExperimentError(f"{what} name {name!r}: use letters, digits, - and _")
 
 
 def key_point(experiment: str, key: str) -> float:

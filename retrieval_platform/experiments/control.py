@@ -60,10 +60,8 @@ def start(args: ExperimentArgs, *, app_name: str = "retrieval",
     if running is not None:
         raise ExperimentError(f"experiment {running.name} is running: stop it or promote an "
                               "arm first")
-    experiment, arm_versions = check_experiment(args, load_manifest(versions[active]))
-    clash = {v for v in arm_versions if v in versions and versions[v] != arm_versions[v]}
-    if clash:
-        raise ExperimentError(f"versions {sorted(clash)} are served from other folders")
+    experiment, arm_versions = check_experiment(args, load_manifest(versions[active]),
+                                                versions)
     both = versions | arm_versions
     _steps(config, position, [(both, active, None), (both, active, experiment)], save_config)
     return _summary(app_name, active, experiment)

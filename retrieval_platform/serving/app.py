@@ -210,21 +210,25 @@ def version_user_configs(manifest: IndexManifest, versions: dict[str, str] | Non
     return loaded, active
 
 
-def check_experiment(args: ExperimentArgs, served: IndexManifest
+def check_experiment(args: ExperimentArgs, served: IndexManifest,
+                     loaded: dict[str, str] | None = None, *, load: bool = True
                      ) -> tuple[Experiment, dict[str, str]]:
-    """The experiment ``args`` describe and its versions (name -> folder), each version
-    checked (``check_version``: its model loads, its vectors fit its index) and of
-    ``served``'s shard count: a clear error before anything is deployed or changed."""
+    """The experiment ``args`` describe and its versions (name -> folder), each of
+    ``served``'s shard count and none a version name that ``served`` or ``loaded`` (name ->
+    folder) holds in another folder; with ``load``, each version checked too
+    (``check_version``: its model loads, its vectors fit its index). A clear error before
+    anything is deployed or changed; ``load=False`` reads back what was checked at deploy."""
     versions: dict[str, str] = {}
     arms = []
     for a in args.arms:
-        manifest = check_version(storage.canonical(a.index))
+        index = storage.canonical(a.index)
+        manifest = check_version(index) if load else load_manifest(index)
         if len(manifest.shards) != len(served.shards):
             raise ExperimentError(f"arm {a.name}: {a.index} has {len(manifest.shards)} shards, "
                                   f"the served index {len(served.shards)}: an experiment's "
                                   "arms share the shard deployments")
-        if {served.version: served.path, **versions}.get(manifest.version,
-                                                         manifest.path) != manifest.path:
+        known = {served.version: served.path, **(loaded or {}), **versions}
+        if known.get(manifest.version, manifest.path) != manifest.path:
             raise ExperimentError(f"arm {a.name}: version {manifest.version} is served from "
                                   f"another folder than {manifest.path}")
         versions[manifest.version] = manifest.path

@@ -113,7 +113,8 @@ def served_versions(app: dict) -> tuple[dict[str, str], str, Experiment | None]:
     loaded, ingress = version_user_configs(manifest)
     if args.experiment is None:
         return loaded["versions"], manifest.version, None
-    experiment, versions = check_experiment(args.experiment, manifest)
+    # checked when the app was built: read back, not loaded again
+    experiment, versions = check_experiment(args.experiment, manifest, load=False)
     return loaded["versions"] | versions, manifest.version, experiment
 
 
