@@ -4,6 +4,7 @@ bound, for index variants deployed in turn in one run.
 
     python bench/serve_open_loop.py [--products 5000] [--rates 50 100 150]
         [--ladder 5 10 15 20 30 40 50 65 80 100] [--duration 8] [--grace 2] [--p99-bound-ms 100]
+        [--modes dense hybrid lexical]
         [--variants '{"NAME": {"build": {...}, "app": {...}, "index": FOLDER}, ...}']
         [--prepared runs/data/homedepot] [--json out.json] [--direct-ingress]
 
@@ -135,7 +136,7 @@ def measure(url: str, queries: list[str], args: argparse.Namespace) -> dict[str,
     bound (p99, or any error or unanswered request), then the fixed rates not yet measured;
     every run bounded and started on an idle service."""
     out = {}
-    for mode in MODES:
+    for mode in args.modes:
         run_rate(url, queries, mode, 5, args, duration=3)  # warm-up of this mode's path
         time.sleep(2.0)
         idle_ms = idle_latency_ms(url, mode)
@@ -170,6 +171,7 @@ def main() -> None:
                              "overrides, app: AppArgs overrides, index: an existing folder}}")
     parser.add_argument("--app", default='{"encoder": {"cpus": 0.5, "max_replicas": 1}}',
                         help="AppArgs overrides as JSON under every variant's own")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 150])
     parser.add_argument("--ladder", type=float, nargs="+",
                         default=[5, 10, 15, 20, 30, 40, 50, 65, 80, 100])

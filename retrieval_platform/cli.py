@@ -117,29 +117,20 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    """One query against a running endpoint (the HTTP API: what any client sends)."""
-    import httpx
+    """One query against a running endpoint (the HTTP API: what any client sends), retried on
+    another of the ``--url``s if a replica or proxy is lost (serving/client.py)."""
+    from retrieval_platform.serving.client import SearchClient
 
-    body: dict = {"query": args.query, "k": args.k, "mode": args.mode}
+    fields: dict = {}
     filters = {k: v for k, v in (("category", args.category), ("price_min", args.price_min),
                                  ("price_max", args.price_max)) if v is not None}
     if filters:
-        body["filters"] = filters
-    key = os.environ.get(args.api_key_env, "")
-    headers = {"X-API-Key": key} if key else {}
-    try:
-        r = httpx.post(f"{args.url.rstrip('/')}/search", json=body, headers=headers,
-                       timeout=args.timeout)
-    except httpx.HTTPError as exc:
-        raise PlatformError(f"no answer from {args.url} ({type(exc).__name__}); is the "
-                            "Serve application running (`retrieval-platform status`)?") from None
-    if r.status_code != 200:
-        try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
-            detail = r.text
-        raise PlatformError(f"HTTP {r.status_code}: {detail}")
-    data = r.json()
+        fields["filters"] = filters
+    given = args.url or [os.environ.get("RP_URL", "http://127.0.0.1:8000")]
+    urls = [u for arg in given for u in arg.split(",") if u]
+    with SearchClient(urls, api_key=os.environ.get(args.api_key_env) or None,
+                      timeout_s=args.timeout) as client:
+        data = client.search(args.query, args.k, args.mode, **fields)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -204,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--category")
     q.add_argument("--price-min", type=float)
     q.add_argument("--price-max", type=float)
-    q.add_argument("--url", default=os.environ.get("RP_URL", "http://127.0.0.1:8000"))
+    q.add_argument("--url", action="append",
+                   help="the endpoint; repeat it (or give a comma-separated list) for one URL "
+                        "per node's proxy: a lost one is retried on the next (default: $RP_URL "
+                        "or http://127.0.0.1:8000)")
     q.add_argument("--api-key-env", default="RP_API_KEY",
                    help="environment variable holding the API key, if the app requires one")
     q.add_argument("--timeout", type=float, default=30.0)

@@ -48,6 +48,10 @@ class ServeStepConfig:
     # "yes" always keeps it; "no" deletes it first (a small box: its CPUs go to training).
     keep_serving: Literal["auto", "yes", "no"] = "auto"
     cpus_needed: float = 2.0  # CPUs the steps use at once (the training workers)
+    # "EveryNode" on a cluster whose nodes have addresses of their own: a proxy per node, so
+    # losing a node loses no endpoint (clients list every node's URL: serving/client.py);
+    # "HeadOnly" where the nodes share one address (one machine), whose ports would clash
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
 
 
 @dataclass
@@ -245,11 +249,10 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
     if args.reranker is not None:  # named as every node names it (the index is, above)
         args.reranker.model = model_location(cfg.fill(args.reranker.model))
     config = serve_config([app_config(args, name=cfg.serve.app_name)],
-                          port=cfg.serve.http_port)
+                          port=cfg.serve.http_port, proxy_location=cfg.serve.proxy_location)
     path = write_serve_config(home / cfg.fill(cfg.serve.config_path), config)
     print(f"\n=== serve: deploying {path} (serve deploy {path} does the same)", flush=True)
-    # the proxy on the head only, as the Serve config says (a proxy a node also loses)
-    serve.start(proxy_location="HeadOnly",
+    serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": "127.0.0.1", "port": cfg.serve.http_port})
     apply(config)
     return f"http://127.0.0.1:{cfg.serve.http_port}"
@@ -258,23 +261,21 @@ def deploy_serve(cfg: PipelineConfig, home: Path) -> str:
 def query_examples(url: str, queries: list[str], k: int = 3, rerank: bool = False
                    ) -> list[dict[str, Any]]:
     """Each query in dense and hybrid mode (and hybrid reranked, where a reranker serves)."""
-    import httpx
+    from retrieval_platform.serving.client import SearchClient
 
     answers = []
     modes = [("dense", False), ("hybrid", False)] + ([("hybrid", True)] if rerank else [])
-    for query in queries:
-        for mode, reranked in modes:
-            r = httpx.post(f"{url}/search", json={"query": query, "k": k, "mode": mode,
-                                                  "rerank": reranked}, timeout=30)
-            r.raise_for_status()
-            body = r.json()
-            if reranked:
-                mode += ", reranked" if body["reranked"] else ", not reranked: " + str(
-                    body["rerank_error"])
-            answers.append({"query": query, "mode": mode,
-                            "results": [(h["title"], round(h["score"], 3))
-                                        for h in body["results"]],
-                            "ms": body["timings_ms"]["total"]})
+    with SearchClient(url) as client:
+        for query in queries:
+            for mode, reranked in modes:
+                body = client.search(query, k, mode, rerank=reranked)
+                if reranked:
+                    mode += ", reranked" if body["reranked"] else ", not reranked: " + str(
+                        body["rerank_error"])
+                answers.append({"query": query, "mode": mode,
+                                "results": [(h["title"], round(h["score"], 3))
+                                            for h in body["results"]],
+                                "ms": body["timings_ms"]["total"]})
     return answers
 
 

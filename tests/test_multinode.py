@@ -3,7 +3,7 @@
 submitted through the job API with the code as its working_dir (the user's path, via
 ``retrieval-platform pipeline``). Faults: a worker node killed during stage 1 (the run resumes
 from its checkpoint in storage), and a node killed under load while two replicas of each shard
-serve (no failed and no wrong answer).
+and of the ingress serve (no failed and no wrong answer from a retrying client).
 
 Run it with ``./test.sh -m multinode`` (CI does); set RP_MULTINODE_REPORT=FILE to keep the
 run's record (nodes, where each job ran, the storage listing, answers, wall times).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import secrets
 import shlex
@@ -30,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+from retrieval_platform.serving.client import SearchClient, SearchError
 from tests.helpers import REPO, free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1800)]
@@ -199,6 +201,7 @@ def _pipeline_config(cluster: dict, bucket: str, http_port: int) -> dict:
                            # each poll of the log is a GET on S3: 6 replicas, 20 a second
                            "log_poll_interval_s": 0.3, "writer_cpus": 0.1,
                            "shard_replicas": 2, "shard_cpus": 0.1, "ingress_cpus": 0.1,
+                           "ingress_replicas": 2,
                            "lexical_cpus": 0.1, "lexical_replicas": 2,
                            "encoder": {"cpus": 0.2, "min_replicas": 2, "max_replicas": 2}}},
         "examples": ["red running shoes"],
@@ -287,9 +290,11 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
                    for n, node in cluster["nodes"].items() if (node.cache / "storage").is_dir()}
     assert any(n != "head" and caches for n, caches in node_caches.items()), node_caches
 
-    # Serving: two replicas of each shard, of the encoder and of BM25 on different nodes; kill
-    # a node under dense and hybrid load (not the head, whose proxy takes the requests, nor the
-    # ingress's).
+    # Serving: two replicas of each shard, of the ingress, of the encoder and of BM25 on
+    # different nodes; kill a node under dense and hybrid load (one with an ingress replica
+    # where there is one; not the head, whose proxy takes the requests: with nodes of their
+    # own addresses, proxy_location EveryNode and one URL per node cover that too). The
+    # clients retry a search whose ingress replica died with it (serving/client.py).
     url = f"http://127.0.0.1:{http_port}"
     queries = ["red running shoes", "stainless steel kettle", "cotton bed sheets",
                "cordless drill", "silicone phone case", "wireless mouse"]
@@ -300,23 +305,34 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
     replicas = _actors_by_node(cluster, "ServeReplica:retrieval")
     record["nodes"]["replicas_before"] = replicas
     shards = {c for cs in replicas.values() for c in cs if "Shard_" in c}
-    candidates = [n for n, cs in replicas.items()
-                  if n != "head" and not any("Ingress" in c for c in cs)
-                  # every replica on it has a twin elsewhere (the catalog writer is one by
-                  # design and takes no search)
-                  and all(any(c in others for m, others in replicas.items() if m != n)
-                          for c in cs if "CatalogWriter" not in c)
-                  and any("Shard_" in c for c in cs)]
+    candidates = sorted(
+        (n for n, cs in replicas.items()
+         if n != "head"
+         # every replica on it has a twin elsewhere (the catalog writer is one by design and
+         # takes no search)
+         and all(any(c in others for m, others in replicas.items() if m != n)
+                 for c in cs if "CatalogWriter" not in c)
+         and any("Shard_" in c for c in cs)),
+        key=lambda n: not any("Ingress" in c for c in replicas[n]))
     assert shards and candidates, replicas
     target = candidates[0]
     results: list[tuple[int, bool, bool]] = []  # status, partial, same answer
+    clients = [SearchClient(url, timeout_s=30) for _ in range(4)]
+    free = queue.SimpleQueue()
+    for c in clients:
+        free.put(c)
 
     def one(i: int) -> None:
         q, m = queries[i % len(queries)], modes[i // len(queries) % 2]
-        r = httpx.post(f"{url}/search", json={"query": q, "k": 5, "mode": m}, timeout=30)
-        body = r.json() if r.status_code == 200 else {}
-        results.append((r.status_code, bool(body.get("partial")),
-                        r.status_code == 200 and _ids(r) == expected[q, m]))
+        client = free.get()
+        try:
+            body = client.search(q, 5, m)
+            results.append((200, bool(body["partial"]),
+                            [h["product_id"] for h in body["results"]] == expected[q, m]))
+        except SearchError as exc:
+            results.append((exc.status or 599, False, False))
+        finally:
+            free.put(client)
 
     n_requests = 300
     with ThreadPoolExecutor(4) as pool:
@@ -327,9 +343,12 @@ def test_pipeline_on_three_nodes_with_s3_storage_survives_losing_nodes(cluster, 
         killed_at = len(results)
         for f in futures:
             f.result()
+    for c in clients:
+        c.close()
     statuses = [s for s, _, _ in results]
     record["faults"]["serve"] = {
         "killed": target, "replicas_on_it": replicas[target], "after_request": killed_at,
+        "retried": sum(c.retried for c in clients),
         "requests": len(results), "non_200": sum(s != 200 for s in statuses),
         "partial": sum(p for _, p, _ in results),
         "wrong": sum(s == 200 and not same for s, _, same in results)}

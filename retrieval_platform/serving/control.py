@@ -46,8 +46,12 @@ def app_config(args: AppArgs, *, name: str = "retrieval", route_prefix: str = "/
             "args": args.model_dump(mode="json")}
 
 
-def serve_config(apps: list[dict], *, host: str = "127.0.0.1", port: int = 8000) -> dict:
-    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port},
+def serve_config(apps: list[dict], *, host: str = "127.0.0.1", port: int = 8000,
+                 proxy_location: str = "HeadOnly") -> dict:
+    """``proxy_location``: "HeadOnly" (one machine, or nodes that share an address) or
+    "EveryNode" (a proxy on each node, so that losing one loses no endpoint: clients list one
+    URL per node, serving/client.py)."""
+    return {"proxy_location": proxy_location, "http_options": {"host": host, "port": port},
             "applications": apps}
 
 
