@@ -1,4 +1,4 @@
-"""The two losses against values worked out by hand (METHOD.md Eq. 1–6)."""
+"""The losses against values worked out by hand (METHOD.md Eq. 1–6, and the distillation term)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
+from retrieval_platform.losses import (
+    listwise_distillation_loss,
+    masked_contrastive_loss,
+    roar_loss,
+    roar_objective,
+)
 
 
 def _two_queries():
@@ -340,3 +345,40 @@ def test_stage2_loss_wires_the_roar_options():
                     metrics["contrastive_loss"] + 0.5 * align.item(), abs=1e-5)
                 # q0's judged grade-0 product c2 = (1, 0) scores 1.0 > 0.8 + m
                 assert (metrics["margin_masked_fraction"] == 0.0) == exempt
+
+
+def test_listwise_distillation_by_hand():
+    """Row 0: teacher [0, ln 3] at τ_T 1 → p_T = [1/4, 3/4]; student [0, 0] → p_S = [1/2, 1/2]:
+    KL = 1/4·ln(1/2) + 3/4·ln(3/2) = 0.130812. Its third entry is padding (NaN teacher). Row 1
+    has one entry: skipped. The gradient is (p_S − p_T) / τ_S = [1/4, −1/4]."""
+    student = torch.tensor([[0.0, 0.0, 5.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, math.log(3.0), float("nan")], [1.0, float("nan"), 0.0]])
+    in_list = torch.tensor([[True, True, False], [True, False, False]])
+    loss = listwise_distillation_loss(student, teacher, in_list, tau_student=1.0,
+                                      tau_teacher=1.0)
+    assert loss.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
+    loss.backward()
+    assert torch.allclose(student.grad, torch.tensor([[0.25, -0.25, 0.0], [0.0, 0.0, 0.0]]),
+                          atol=1e-6)
+
+
+def test_listwise_distillation_temperatures_and_degenerate_lists():
+    teacher = torch.tensor([[4.0, 1.0, -2.0]])
+    in_list = torch.ones(1, 3, dtype=torch.bool)
+    # the student's cosines scaled to the teacher's distribution: KL 0 whatever the scales
+    matched = teacher * 0.02 / 2.0
+    assert listwise_distillation_loss(matched, teacher, in_list, tau_student=0.02,
+                                      tau_teacher=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    # the student ordering the list the other way round costs more than a flat student
+    flat = listwise_distillation_loss(torch.zeros(1, 3), teacher, in_list, tau_student=0.05,
+                                      tau_teacher=1.0)
+    reversed_ = listwise_distillation_loss(-matched, teacher, in_list, tau_student=0.05,
+                                           tau_teacher=1.0)
+    assert reversed_ > flat > 0
+    # no row with two entries: 0, with a graph
+    none = listwise_distillation_loss(torch.zeros(2, 3, requires_grad=True),
+                                      torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool),
+                                      tau_student=0.05, tau_teacher=1.0)
+    assert none.item() == 0.0 and none.requires_grad
+    with pytest.raises(ValueError):
+        listwise_distillation_loss(matched, teacher, in_list, tau_student=0.0, tau_teacher=1.0)

@@ -44,6 +44,10 @@ class DataConfig:
     # stage 2: ascending grade edges; ROAR groups products by bin instead of exact grade (mean
     # ratings that differ by one rater's vote fall in one group). null: every grade a group.
     grade_bins: list[float] | None = None
+    # stage 2: a teacher's scores of each training query's candidate list (Parquet from
+    # data_jobs.score_candidates: judged, mined and retrieved products); its unjudged products
+    # join the query's extras (up to mined_per_query) and loss.distill_weight > 0 distils it
+    teacher_scores_path: str | None = None
 
 
 @dataclass
@@ -92,10 +96,17 @@ class LossConfig:
     # Matryoshka: the losses are also summed over the first d dimensions, renormalised (METHOD.md
     # "Encoder"; the paper serves 256). null: full dimension only.
     matryoshka_dims: list[int] | None = None
+    # stage 2: λ of the teacher's listwise KL next to Eq. 7 (losses/listwise_distillation.py;
+    # 0: off), the student's temperature on cosines and the teacher's on its own scores
+    distill_weight: float = 0.0
+    distill_tau: float = 0.05
+    teacher_tau: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tau <= 0 or self.tau_align <= 0:
             raise ValueError("tau and tau_align must be > 0")
+        if self.distill_weight < 0 or self.distill_tau <= 0 or self.teacher_tau <= 0:
+            raise ValueError("distill_weight must be >= 0, distill_tau and teacher_tau > 0")
 
 
 @dataclass
@@ -130,3 +141,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     output_dir: str = "runs/models/stage1"  # the final model folder
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (tracking.py)
+
+    def __post_init__(self) -> None:
+        if self.loss.distill_weight > 0 and (self.stage != "roar"
+                                             or not self.data.teacher_scores_path):
+            raise ValueError("loss.distill_weight > 0 distils a teacher in stage 2: it needs "
+                             "stage: roar and data.teacher_scores_path")

@@ -17,8 +17,9 @@ can be all-gathered across workers as tensors.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 import numpy as np
@@ -69,6 +70,9 @@ class GroupBatch(TypedDict):
     extra_keys: list[list[int]]
     extra_group_keys: list[list[int]]
     top_index: list[int]  # Eq. 7's L₁ positive among cand_*: 0, or −1 where none is positive
+    # a teacher's score of each candidate and extra (NaN: not scored), with teacher scores
+    cand_teacher: list[list[float]]
+    extra_teacher: list[list[float]]
 
 
 def key64(value: str) -> int:
@@ -180,6 +184,7 @@ def roar_examples(
     negatives_path: str | None = None,
     mined_per_query: int = 0,
     grade_bins: Sequence[float] | None = None,
+    teacher_scores: Mapping[str, Mapping[str, float]] | None = None,
     seed: int = 0,
 ) -> pa.Table:
     """Stage-2 groups: per query its judged products (at most ``max_candidates``, sampled so
@@ -189,12 +194,19 @@ def roar_examples(
 
     ``grade_bins`` (ascending edges) groups noisy mean ratings: a grade's group is the number of
     edges at or below it (edges [1.8, 2.5] on Home Depot's 1–3: ≤ 1.67 / 2–2.33 / ≥ 2.67), so
-    ROAR orders only groups a whole bin apart. Positives (Eq. 7's L₁) still use the raw grade."""
+    ROAR orders only groups a whole bin apart. Positives (Eq. 7's L₁) still use the raw grade.
+
+    ``teacher_scores`` (:func:`~retrieval_platform.training.teacher.read_teacher_scores`) adds
+    each candidate's teacher score (``cand_teacher``, ``extra_teacher``; NaN where the teacher
+    did not score it), and the unjudged products of the query's scored list become its extras
+    (after the mined ones, up to ``mined_per_query``): the products distillation reaches that
+    the judgments do not."""
     cat = _Catalog(ds, seed)
     scale = ds.scale
     qtext = ds.query_texts(split)
     judged = {q: list(j.items()) for q, j in ds.qrels(split).items()}
     mined = read_negatives(negatives_path) if mined_per_query else {}
+    teacher = teacher_scores or {}
 
     def group_grade(g: float) -> float:
         return float(grade_bin(g, grade_bins)) if grade_bins else g
@@ -203,8 +215,8 @@ def roar_examples(
     for qid in sorted(judged):
         raw = dict(judged[qid])
         pos_groups = {cat.group[p] for p, g in raw.items() if g >= scale.positive_threshold}
-        extra = [n for n in mined.get(qid, []) if n not in raw
-                 and cat.group.get(n) not in pos_groups][:mined_per_query]
+        extra = [n for n in dict.fromkeys([*mined.get(qid, []), *teacher.get(qid, {})])
+                 if n not in raw and cat.group.get(n) not in pos_groups][:mined_per_query]
         if scale.unlabelled_is_irrelevant:  # mined products join the lowest grade group
             raw |= {n: scale.min_grade for n in extra}
             extra = []
@@ -217,6 +229,10 @@ def roar_examples(
         positives = [p for p, g in judged[qid] if g >= scale.positive_threshold]
         _add_group_row(rows, cat, qid, qtext[qid], cands, extra, positives,
                        top_is_positive=raw[cands[0][0]] >= scale.positive_threshold)
+        if teacher_scores is not None:
+            scored = teacher.get(qid, {})
+            rows["cand_teacher"].append([scored.get(p, math.nan) for p, _ in cands])
+            rows["extra_teacher"].append([scored.get(n, math.nan) for n in extra])
     if not rows:
         raise PlatformError(f"{ds.location}: no {split} query has two or more grade groups; "
                             "nothing for ROAR to order")

@@ -3,7 +3,8 @@
 and candidates (:mod:`retrieval_platform.training.distributed`) and the keys Eq. 2's masks need.
 
 Stage 1 (:func:`stage1_objective`): Eq. 1–3. Stage 2 (:func:`stage2_objective`): Eq. 7 =
-L₁ + β · L_align (Eq. 4–6), ROAR's softmax over every candidate of the batch. Each is summed
+L₁ + β · L_align (Eq. 4–6), ROAR's softmax over every candidate of the batch, and with a
+teacher, + λ · L_KD (losses/listwise_distillation.py) over each query's scored list. Each is summed
 over the Matryoshka dimensions (METHOD.md "Encoder"), and returned times the world size, so
 that DDP's average of the workers' gradients is the global loss's gradient. An objective is the
 texts to embed and the loss on their embeddings (:class:`Objective`): how the embeddings are
@@ -13,6 +14,7 @@ made, one graph or gradient-cached chunks, is :mod:`retrieval_platform.training.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,12 @@ import numpy as np
 import torch
 
 from retrieval_platform.encoder.model import truncate
-from retrieval_platform.losses import masked_contrastive_loss, roar_loss, roar_objective
+from retrieval_platform.losses import (
+    listwise_distillation_loss,
+    masked_contrastive_loss,
+    roar_loss,
+    roar_objective,
+)
 from retrieval_platform.training.config import TrainConfig
 from retrieval_platform.training.distributed import (
     gather_rows,
@@ -48,6 +55,8 @@ class GlobalCandidates:
     top: torch.Tensor  # (Q,) index of each query's L₁ positive among the candidates (−1: none)
     owner: torch.Tensor | None = None  # (N,) stage 2: the query a graded candidate is of (−1)
     grade: torch.Tensor | None = None  # (N,) stage 2: its group grade
+    list_owner: torch.Tensor | None = None  # (N,) stage 2: the query whose list it is in
+    teacher: torch.Tensor | None = None  # (N,) stage 2: the teacher's score of it (NaN: none)
 
     def at_dim(self, d: int | None) -> GlobalCandidates:
         """The batch with queries and candidates cut to their first ``d`` dimensions,
@@ -149,24 +158,32 @@ class _LocalGroups:
     owner: list[int]  # the local query whose graded candidate this is (−1: ungraded)
     grade: list[float]
     top: list[int]  # each query's L₁ positive among them (−1: none)
+    list_owner: list[int]  # the local query whose candidate or extra this is
+    teacher: list[float]  # its teacher score (NaN: none, or no teacher)
 
 
 def _flatten_groups(batch: GroupBatch) -> _LocalGroups:
-    out = _LocalGroups([], [], [], [], [], [])
+    out = _LocalGroups([], [], [], [], [], [], [], [])
     counts = [len(c) for c in batch["cand_texts"]]
     extras = [len(c) for c in batch.get("extra_texts", [[] for _ in counts])]
+    no_teacher = "cand_teacher" not in batch
     for i in range(len(counts)):
         out.texts += batch["cand_texts"][i]
         out.keys += batch["cand_keys"][i]
         out.groups += batch["cand_group_keys"][i]
         out.owner += [i] * counts[i]
         out.grade += batch["cand_grades"][i]
+        out.list_owner += [i] * (counts[i] + extras[i])
+        out.teacher += ([math.nan] * counts[i] if no_teacher
+                        else list(batch["cand_teacher"][i]))
         if extras[i]:
             out.texts += batch["extra_texts"][i]
             out.keys += batch["extra_keys"][i]
             out.groups += batch["extra_group_keys"][i]
             out.owner += [-1] * extras[i]
             out.grade += [0.0] * extras[i]
+            out.teacher += ([math.nan] * extras[i] if no_teacher
+                            else list(batch["extra_teacher"][i]))
     starts = np.concatenate([[0], np.cumsum(np.add(counts, extras))[:-1]])
     out.top = [int(starts[i]) + t if t >= 0 else -1 for i, t in enumerate(batch["top_index"])]
     return out
@@ -193,7 +210,9 @@ def _gather_groups(q_local: torch.Tensor, c_local: torch.Tensor, local: _LocalGr
         positive_keys=gather_rows(pos_keys, device),  # (Q, P)
         top=global_index(local.top, c_start),  # (Q,)
         owner=global_index(local.owner, q_start),  # (N,)
-        grade=gathered(local.grade, torch.float32))  # (N,)
+        grade=gathered(local.grade, torch.float32),  # (N,)
+        list_owner=global_index(local.list_owner, q_start),  # (N,)
+        teacher=gathered(local.teacher, torch.float32))  # (N,)
 
 
 def stage2_objective(batch: GroupBatch, cfg: TrainConfig) -> Objective:
@@ -238,7 +257,16 @@ def stage2_loss(batch: GlobalCandidates, cfg: TrainConfig) -> tuple[torch.Tensor
                     "in_batch_accuracy": out.accuracy.item()}
     else:
         l1 = scores.sum() * 0.0
-    return roar_objective(l1, l_align, beta=cfg.loss.beta), metrics
+    loss = roar_objective(l1, l_align, beta=cfg.loss.beta)
+    if cfg.loss.distill_weight > 0:  # + λ · L_KD over each query's scored list
+        in_list = ((batch.list_owner[None, :] == torch.arange(Q, device=q.device)[:, None])
+                   & ~torch.isnan(batch.teacher)[None, :])  # (Q, N)
+        l_kd = listwise_distillation_loss(scores, batch.teacher[None, :].expand(Q, -1),
+                                          in_list, tau_student=cfg.loss.distill_tau,
+                                          tau_teacher=cfg.loss.teacher_tau)
+        metrics["distill_loss"] = l_kd.item()
+        loss = loss + cfg.loss.distill_weight * l_kd
+    return loss, metrics
 
 
 OBJECTIVES: dict[str, Callable[[Any, TrainConfig], Objective]] = {

@@ -32,6 +32,7 @@ from retrieval_platform.training.checkpoint import HISTORY_FILE, MODEL_DIR, init
 from retrieval_platform.training.config import RunConfig, ScalingConfig, TrainConfig
 from retrieval_platform.training.examples import contrastive_examples, roar_examples
 from retrieval_platform.training.loop import train_loop_per_worker
+from retrieval_platform.training.teacher import read_teacher_scores
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def build_examples(cfg: TrainConfig):  # -> pa.Table
         ds, split=cfg.data.split, max_candidates=cfg.data.max_candidates,
         negatives_path=cfg.data.negatives_path, mined_per_query=cfg.data.mined_per_query,
         grade_bins=cfg.data.grade_bins, seed=cfg.run.seed,
+        teacher_scores=(read_teacher_scores(cfg.data.teacher_scores_path)
+                        if cfg.data.teacher_scores_path else None),
     )
 
 
