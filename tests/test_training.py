@@ -23,6 +23,7 @@ from retrieval_platform.training.examples import (
     sample_negatives,
 )
 from retrieval_platform.training.grad_cache import loss_with_graph
+from retrieval_platform.training.loop import CpuTimes, cpu_shares
 from retrieval_platform.training.mining import MineConfig, mine_negatives
 from retrieval_platform.training.objectives import stage1_objective
 from retrieval_platform.training.trainer import train
@@ -152,6 +153,15 @@ def test_stage1_is_tracked_in_mlflow_step_by_step(stage1):
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
     assert lrs == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])  # lr_at: warm-up 1 of 4
     assert run.data.params["optim.max_steps"] == "4" and "in_batch_accuracy" in run.data.metrics
+    if Path("/proc/stat").exists():  # the host's shares beside the throughput (Linux)
+        assert 0 <= run.data.metrics["cpu_steal"] < 1 and 0 < run.data.metrics["cpu_busy"] <= 1
+
+
+def test_cpu_shares_are_the_windows_steal_and_busy_ticks_over_all_ticks():
+    start = CpuTimes(busy=100, steal=10, total=400)
+    end = CpuTimes(busy=160, steal=40, total=500)  # 100 ticks: 60 busy, 30 stolen, 10 idle
+    assert cpu_shares(start, end) == pytest.approx({"cpu_steal": 0.3, "cpu_busy": 0.6})
+    assert cpu_shares(None, end) == {} and cpu_shares(end, end) == {}
 
 
 def test_a_rerun_under_the_same_name_resumes(stage1, prepared):

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -136,6 +136,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_steps(cfg, model, forward, optimizer, progress, report, rank, world, bf16, _step)
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """The host's CPU time (Linux ``/proc/stat``, all cores, in ticks). Steal is time a
+    virtual machine's cores waited while the hypervisor ran another guest: with ``cpu_busy``
+    it tells apart the reasons one config trains at half the pairs/s on a machine of the same
+    size (docs/BENCHMARKS.md "Training throughput": a contended host, or another job)."""
+
+    busy: int
+    steal: int
+    total: int
+
+    @staticmethod
+    def now() -> CpuTimes | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):  # not Linux: no host shares in the metrics
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is already in user)
+        idle, steal = sum(fields[3:5]), fields[7] if len(fields) > 7 else 0
+        total = sum(fields[:8])
+        return CpuTimes(busy=total - idle - steal, steal=steal, total=total)
+
+
+def cpu_shares(start: CpuTimes | None, end: CpuTimes | None) -> dict[str, float]:
+    """Between two readings: ``cpu_steal``, the share of host CPU time stolen by the
+    hypervisor, and ``cpu_busy``, the share spent running (this run and anything else on the
+    host); nothing where either reading is missing."""
+    if start is None or end is None or end.total <= start.total:
+        return {}
+    span = end.total - start.total
+    return {"cpu_steal": (end.steal - start.steal) / span,
+            "cpu_busy": (end.busy - start.busy) / span}
+
+
 StepFn = Callable[[Any, Any, Any, torch.optim.Optimizer, dict[str, list], float, bool],
                   dict[str, float]]
 
@@ -151,6 +186,7 @@ def run_steps(cfg: Any, model: Any, forward: Any, optimizer: torch.optim.Optimiz
 
     shard = ray.train.get_dataset_shard("train")
     window_start, window_samples = time.perf_counter(), 0
+    cpu_window = CpuTimes.now()
     while p.step < cfg.optim.max_steps:
         batches, skip = 0, p.batch_in_epoch  # a resumed epoch skips the batches it has seen
         for batch in shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow",
@@ -172,6 +208,9 @@ def run_steps(cfg: Any, model: Any, forward: Any, optimizer: torch.optim.Optimiz
                 metrics |= {"step": p.step, "epoch": p.epoch, "lr": lr,
                             "resumed_from_step": p.resumed_from,
                             "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                cpu_now = CpuTimes.now()
+                metrics |= cpu_shares(cpu_window, cpu_now)
+                cpu_window = cpu_now
                 p.history.append(metrics)
                 if rank == 0:  # through logging: Ray Train tees print() into its log twice
                     log.info("[%s] step %d/%d %s", cfg.stage, p.step, cfg.optim.max_steps,
