@@ -7,7 +7,8 @@ its own: ``peak_mb`` (VmHWM) and ``step_mb``, the peak above the memory after th
 (what the step's activations cost). Pairs/s are over the steps after a warm-up step.
 
     python bench/grad_cache.py [--backbone minilm-l6] [--batches 64 256 1024]
-        [--uncached-up-to 256] [--steps 3] [--prepared runs/data/homedepot] [--json OUT]
+        [--uncached-up-to 256] [--steps 3] [--precision fp32|bf16|auto]
+        [--prepared runs/data/homedepot] [--json OUT]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def child(args: argparse.Namespace) -> None:
 
     from retrieval_platform.catalog.dataset import PreparedDataset
     from retrieval_platform.config import from_dict
+    from retrieval_platform.encoder.model import resolve_precision
     from retrieval_platform.training.config import TrainConfig
     from retrieval_platform.training.examples import contrastive_examples
     from retrieval_platform.training.loop import load_init
@@ -52,7 +54,8 @@ def child(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
     loaded_mb = _vm("VmRSS")
-    pairs_per_s = step_loop(model, opt, cfg, examples, args.batch, args.steps, warmup=1)
+    pairs_per_s = step_loop(model, opt, cfg, examples, args.batch, args.steps, warmup=1,
+                            precision=resolve_precision(args.precision))
     peak = _vm("VmHWM")
     print(json.dumps({"pairs_per_s": pairs_per_s,
                       "peak_mb": peak, "step_mb": peak - loaded_mb}), flush=True)
@@ -66,6 +69,8 @@ def main() -> None:
                         help="the largest batch also run without the cache")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--negatives", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="autocast of the backbone (auto: bf16 where the CPU runs it natively)")
     parser.add_argument("--prepared", help="a prepared dataset (default: a generated one)")
     parser.add_argument("--json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -85,7 +90,8 @@ def main() -> None:
     for batch, cached in cells:
         command = [sys.executable, __file__, "--child", "--batch", str(batch),
                    "--backbone", args.backbone, "--steps", str(args.steps),
-                   "--negatives", str(args.negatives), "--prepared", args.prepared]
+                   "--negatives", str(args.negatives), "--precision", args.precision,
+                   "--prepared", args.prepared]
         out = subprocess.run(command + (["--cached"] if cached else []), check=True,
                              capture_output=True, text=True)
         row = {"global_batch": batch, "grad_cache": cached} | json.loads(
@@ -101,6 +107,7 @@ def main() -> None:
             r["speed_vs_uncached"] = round(r["pairs_per_s"] / plain["pairs_per_s"], 3)
             r["step_memory_vs_uncached"] = round(r["step_mb"] / plain["step_mb"], 3)
     result = {"backbone": args.backbone, "cpus": os.cpu_count(), "steps": args.steps,
+              "precision": args.precision,
               "negatives": args.negatives, "length_bucket": 32, "rows": rows}
     print(json.dumps(result, indent=2))
     if args.json:
