@@ -19,8 +19,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
+
+from retrieval_platform.training.config import OptimConfig
 
 
 def _vm(field: str) -> float:
@@ -69,7 +72,8 @@ def main() -> None:
                         help="the largest batch also run without the cache")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--negatives", type=int, default=1)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+    parser.add_argument("--precision", default="fp32",
+                        choices=get_args(get_type_hints(OptimConfig)["precision"]),
                         help="autocast of the backbone (auto: bf16 where the CPU runs it natively)")
     parser.add_argument("--prepared", help="a prepared dataset (default: a generated one)")
     parser.add_argument("--json")
